@@ -1,0 +1,5 @@
+import sys
+
+from psq.cli import main
+
+sys.exit(main())

@@ -1,0 +1,130 @@
+"""The per-layer layout of a step's statistics: ordered layer names and channel counts.
+
+A :class:`Layout` maps ``{layer: Moments}`` to one flat :class:`~psq.stats.Moments` (all layers'
+channels end to end, counts repeated per channel) and back.  Its ``id`` is a digest of its
+content, so every worker of a job derives the same id for the same model without agreeing on
+anything; a layout is sent in full once per peer and then named by id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import msgpack
+import numpy as np
+
+from psq.stats import Moments
+
+ID_BYTES = 8
+MAX_LAYERS = 65_536
+MAX_CHANNELS = 1 << 24  # per layout: 16 M channels of float64 is 128 MiB per array
+MAX_NAME_CHARS = 512
+
+
+class LayoutError(ValueError):
+    """A layout that cannot describe statistics (empty, duplicate or oversized)."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Ordered layer names with their channel counts."""
+
+    names: tuple[str, ...]
+    channels: tuple[int, ...]
+    _index: dict[str, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        names = tuple(self.names)
+        channels = tuple(int(c) if isinstance(c, np.integer) else c for c in self.channels)
+        object.__setattr__(self, "names", names)
+        object.__setattr__(self, "channels", channels)
+        _check(names, channels)
+        object.__setattr__(self, "_index", {n: i for i, n in enumerate(names)})
+
+    @classmethod
+    def of(cls, stats: Mapping[str, Moments]) -> Layout:
+        """The layout of ``{layer: Moments}``, in the mapping's order."""
+        return cls(tuple(stats), tuple(int(np.size(m.mean)) for m in stats.values()))
+
+    @cached_property
+    def id(self) -> bytes:
+        packed = msgpack.packb([list(self.names), list(self.channels)])
+        return hashlib.blake2b(packed, digest_size=ID_BYTES).digest()
+
+    @property
+    def layers(self) -> int:
+        return len(self.names)
+
+    @cached_property
+    def total(self) -> int:
+        """Total channels over all layers: the length of a flat mean or variance."""
+        return int(sum(self.channels))
+
+    @cached_property
+    def offsets(self) -> np.ndarray:
+        """Start of each layer in the flat arrays, with the total appended."""
+        return np.concatenate(([0], np.cumsum(self.channels, dtype=np.int64)))
+
+    @cached_property
+    def layer_of_channel(self) -> np.ndarray:
+        return np.repeat(np.arange(self.layers, dtype=np.intp), self.channels)
+
+    def index(self, name: str) -> int:
+        return self._index[name]
+
+    def slice(self, name: str) -> slice:
+        i = self._index[name]
+        return slice(int(self.offsets[i]), int(self.offsets[i + 1]))
+
+    def expand(self, per_layer: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Repeat one value per layer over that layer's channels."""
+        return np.take(per_layer, self.layer_of_channel, out=out)
+
+    def flatten(
+        self, stats: Mapping[str, Moments], dtype: type = np.float64
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``{layer: Moments}`` in this layout's order → (counts per layer, means, variances)."""
+        missing = set(self.names).symmetric_difference(stats)
+        if missing:
+            raise LayoutError(f"statistics do not match the layout: layers {sorted(missing)[:5]} differ")
+        counts = np.array([float(np.max(stats[n].count)) for n in self.names])
+        means = np.concatenate([np.ravel(stats[n].mean) for n in self.names]).astype(dtype, copy=False)
+        var = np.concatenate([np.ravel(stats[n].var) for n in self.names]).astype(dtype, copy=False)
+        if means.size != self.total:
+            raise LayoutError(f"statistics have {means.size} channels, the layout {self.total}")
+        return counts, means, var
+
+    def split(self, counts: np.ndarray, means: np.ndarray, var: np.ndarray) -> dict[str, Moments]:
+        """Flat arrays → ``{layer: Moments}`` of views (no copy)."""
+        o = self.offsets
+        return {
+            n: Moments(float(counts[i]), means[o[i] : o[i + 1]], var[o[i] : o[i + 1]]) for i, n in enumerate(self.names)
+        }
+
+    def subset(self, names: Iterable[str]) -> Layout:
+        """The layout of some of this layout's layers, in this layout's order."""
+        keep = set(names)
+        pairs = [(n, c) for n, c in zip(self.names, self.channels) if n in keep]
+        return Layout(tuple(n for n, _ in pairs), tuple(c for _, c in pairs))
+
+
+def _check(names: tuple[str, ...], channels: tuple[int, ...]) -> None:
+    if not names:
+        raise LayoutError("a layout needs at least one layer")
+    if len(names) != len(channels):
+        raise LayoutError(f"{len(names)} layer names but {len(channels)} channel counts")
+    if len(names) > MAX_LAYERS:
+        raise LayoutError(f"at most {MAX_LAYERS} layers, got {len(names)}")
+    for n in names:
+        if not isinstance(n, str) or not 0 < len(n) <= MAX_NAME_CHARS:
+            raise LayoutError(f"a layer name must be a string of 1..{MAX_NAME_CHARS} characters, got {n!r:.80}")
+    if len(set(names)) != len(names):
+        raise LayoutError("layer names must be unique")
+    for c in channels:
+        if type(c) is not int or c <= 0:
+            raise LayoutError(f"channel counts must be positive integers, got {c!r:.80}")
+    if sum(channels) > MAX_CHANNELS:
+        raise LayoutError(f"at most {MAX_CHANNELS} channels in all, got {sum(channels)}")

@@ -1,0 +1,505 @@
+"""psq's wire format: serialization that never touches a socket (frames in, message out).
+
+A message is a ZeroMQ multipart message (after any routing-identity frames)::
+
+    [envelope, header, array, array, ...]
+
+* ``envelope`` — 6 bytes: ``b"PQ"``, protocol version (u8), command (u8), routing key (u16
+  little-endian): the shard a request is for, or :data:`BROKER_KEY`.  The broker reads this
+  frame and nothing else.
+* ``header`` — one msgpack map.  ``"arrays"`` lists ``[dtype, length]`` for each array frame.
+* arrays — raw little-endian buffers, sent and received without copies.
+
+A step's statistics for one shard travel as one ``PUSH``: counts per layer (float64), all
+layers' means in one array and all variances in another.  Every decoder validates everything
+and raises :class:`ProtocolError` (a code and a readable message) on any defect; nothing is
+ever unpickled.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from psq.layout import ID_BYTES, Layout, LayoutError
+
+VERSION = 1
+MAGIC = b"PQ"
+BROKER_KEY = 0xFFFF
+MAX_SHARDS = 1024
+DEFAULT_MAX_BYTES = 64 << 20
+MAX_FRAMES = 16
+MAX_HEADER_BYTES = 1 << 20  # a layout of 65,536 names fits; a header is otherwise tiny
+
+_ENVELOPE = struct.Struct("<2sBBH")
+_DTYPES = {"<f4": np.dtype("<f4"), "<f8": np.dtype("<f8"), "<u8": np.dtype("<u8")}
+_STAT_DTYPES = ("<f4", "<f8")
+_MAX_STR = 256
+_U64 = (1 << 64) - 1
+
+
+class Command(enum.IntEnum):
+    PUSH = 1  # worker -> shard: a step's statistics
+    HISTORY = 2  # shard -> worker: the history of the pushed layers
+    ERROR = 3  # anyone -> requester
+    HELLO = 4  # worker -> broker: how many shards are there?
+    WELCOME = 5  # broker -> worker / aggregator: the shard table's size
+    HEARTBEAT = 6  # aggregator -> broker: "I own shard i of n", every interval
+    STATUS = 7  # anyone -> broker or shard
+    REPORT = 8  # broker or shard -> requester: the status as a map
+
+
+class ErrorCode(str, enum.Enum):
+    VERSION = "version"
+    COMMAND = "command"
+    FRAMES = "frames"
+    HEADER = "header"
+    DTYPE = "dtype"
+    LENGTH = "length"
+    LAYOUT = "layout"
+    UNKNOWN_LAYOUT = "unknown_layout"
+    NONFINITE = "nonfinite"
+    NEGATIVE = "negative"
+    OVERSIZED = "oversized"
+    NO_SHARD = "no_shard"
+    WRONG_SHARD = "wrong_shard"
+    SHARD_TAKEN = "shard_taken"
+    TIMEOUT = "timeout"
+    INTERNAL = "internal"
+
+
+class ProtocolError(ValueError):
+    """A message that psq refuses: ``code`` says which rule it broke, the text says how."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(f"{code.value}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Message:
+    """A decoded message: envelope fields, header map and array views over the frames."""
+
+    command: Command
+    key: int
+    header: dict[str, Any]
+    arrays: tuple[np.ndarray, ...] = ()
+
+
+# -- envelope -----------------------------------------------------------------------------
+
+
+def envelope(command: Command, key: int) -> bytes:
+    return _ENVELOPE.pack(MAGIC, VERSION, command, key)
+
+
+def parse_envelope(frame: Any) -> tuple[Command, int]:
+    """The command and routing key of a message's first frame."""
+    view = memoryview(frame)
+    if view.nbytes != _ENVELOPE.size:
+        raise ProtocolError(ErrorCode.FRAMES, f"envelope frame must be {_ENVELOPE.size} bytes, got {view.nbytes}")
+    magic, version, command, key = _ENVELOPE.unpack(view)
+    if magic != MAGIC:
+        raise ProtocolError(
+            ErrorCode.VERSION, f"not a psq message: envelope starts {bytes(magic)!r}, expected {MAGIC!r}"
+        )
+    if version != VERSION:
+        raise ProtocolError(
+            ErrorCode.VERSION, f"protocol version {version} is not supported (this side speaks {VERSION})"
+        )
+    try:
+        return Command(command), key
+    except ValueError:
+        raise ProtocolError(
+            ErrorCode.COMMAND, f"unknown command {command}; known: {[c.value for c in Command]}"
+        ) from None
+
+
+# -- generic message codec ----------------------------------------------------------------
+
+
+def encode(command: Command, key: int, header: Mapping[str, Any], arrays: Sequence[np.ndarray] = ()) -> list[Any]:
+    """Frames for a message.  Arrays go out as their own buffers (no copy here)."""
+    spec = [[_dtype_name(a), int(a.size)] for a in arrays]
+    head = msgpack.packb({**header, "arrays": spec}, use_bin_type=True)
+    return [envelope(command, key), head, *(np.ascontiguousarray(a) for a in arrays)]
+
+
+def decode(frames: Sequence[Any], max_bytes: int = DEFAULT_MAX_BYTES) -> Message:
+    """Validate frames and build a :class:`Message` whose arrays are views over the frames."""
+    if not 2 <= len(frames) <= MAX_FRAMES:
+        raise ProtocolError(ErrorCode.FRAMES, f"a message has 2..{MAX_FRAMES} frames, got {len(frames)}")
+    views = [memoryview(f) for f in frames]
+    size = sum(v.nbytes for v in views)
+    if size > max_bytes:
+        raise ProtocolError(ErrorCode.OVERSIZED, f"message of {size} bytes exceeds the limit of {max_bytes}")
+    command, key = parse_envelope(views[0])
+    header = _unpack_header(views[1])
+    spec = header.pop("arrays", None)
+    arrays = _arrays(spec, views[2:])
+    return Message(command, key, header, arrays)
+
+
+def _unpack_header(view: memoryview) -> dict[str, Any]:
+    if view.nbytes > MAX_HEADER_BYTES:
+        raise ProtocolError(ErrorCode.OVERSIZED, f"header of {view.nbytes} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        header = msgpack.unpackb(view, raw=False, strict_map_key=True, ext_hook=_refuse_ext)
+    # Any failure to parse untrusted bytes is the sender's defect, whatever msgpack raises.
+    except Exception as exc:
+        raise ProtocolError(ErrorCode.HEADER, f"header is not valid msgpack: {exc}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError(ErrorCode.HEADER, f"header must be a map, got {type(header).__name__}")
+    return header
+
+
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"msgpack extension type {code} is not allowed")
+
+
+def _arrays(spec: Any, views: Sequence[memoryview]) -> tuple[np.ndarray, ...]:
+    if spec is None:
+        spec = []
+    if not isinstance(spec, list) or not all(isinstance(s, list) and len(s) == 2 for s in spec):
+        raise ProtocolError(ErrorCode.HEADER, f"header 'arrays' must be a list of [dtype, length], got {spec!r:.100}")
+    if len(spec) != len(views):
+        raise ProtocolError(
+            ErrorCode.FRAMES, f"header announces {len(spec)} arrays but {len(views)} array frames arrived"
+        )
+    out = []
+    for i, ((name, length), view) in enumerate(zip(spec, views)):
+        dtype = _DTYPES.get(name) if isinstance(name, str) else None
+        if dtype is None:
+            raise ProtocolError(
+                ErrorCode.DTYPE, f"array {i}: dtype {name!r:.40} not allowed; allowed: {sorted(_DTYPES)}"
+            )
+        if type(length) is not int or length < 0:
+            raise ProtocolError(
+                ErrorCode.HEADER, f"array {i}: length must be a non-negative integer, got {length!r:.40}"
+            )
+        if view.nbytes != length * dtype.itemsize:
+            raise ProtocolError(
+                ErrorCode.LENGTH,
+                f"array {i}: {length} x {name} needs {length * dtype.itemsize} bytes, the frame has {view.nbytes}",
+            )
+        out.append(np.frombuffer(view, dtype=dtype))
+    return tuple(out)
+
+
+def _dtype_name(a: np.ndarray) -> str:
+    name = a.dtype.str
+    if name not in _DTYPES:
+        raise ProtocolError(ErrorCode.DTYPE, f"cannot send dtype {a.dtype}; allowed: {sorted(_DTYPES)}")
+    return name
+
+
+# -- header checks ------------------------------------------------------------------------
+
+
+def _fields(msg: Message, required: Mapping[str, type], optional: Mapping[str, type] | None = None) -> dict[str, Any]:
+    """The header's fields, checked for exactly the expected keys and their types."""
+    h, optional = msg.header, optional or {}
+    missing = [k for k in required if k not in h]
+    if missing:
+        raise ProtocolError(ErrorCode.HEADER, f"{msg.command.name} header lacks {missing}; it has {sorted(h)}")
+    unknown = [k for k in h if k not in required and k not in optional]
+    if unknown:
+        raise ProtocolError(ErrorCode.HEADER, f"{msg.command.name} header has unknown keys {unknown[:5]}")
+    for k, v in h.items():
+        want = required.get(k) or optional[k]
+        _check_type(msg.command, k, v, want)
+    return h
+
+
+def _check_type(command: Command, key: str, value: Any, want: type) -> None:
+    ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
+    if ok and want is int:
+        ok = 0 <= value <= _U64
+    elif ok and want is str:
+        ok = 0 < len(value) <= _MAX_STR
+    if not ok:
+        raise ProtocolError(
+            ErrorCode.HEADER, f"{command.name} header '{key}' must be {_describe(want)}, got {value!r:.60}"
+        )
+
+
+def _describe(t: type) -> str:
+    return {
+        int: "an integer in [0, 2**64)",
+        str: f"a string of 1..{_MAX_STR} characters",
+        bytes: "bytes",
+        bool: "a boolean",
+        list: "a list",
+        dict: "a map",
+    }.get(t, t.__name__)
+
+
+def _expect(msg: Message, command: Command) -> None:
+    if msg.command is not command:
+        raise ProtocolError(ErrorCode.COMMAND, f"expected {command.name}, got {msg.command.name}")
+
+
+def _check_stats(counts: np.ndarray, means: np.ndarray, var: np.ndarray) -> None:
+    """Finite values, non-negative counts and variances; refuses with the rule broken."""
+    for name, a in (("counts", counts), ("means", means), ("variances", var)):
+        if not _all_finite(a):
+            raise ProtocolError(ErrorCode.NONFINITE, f"{name} contain NaN or infinity")
+    for name, a in (("counts", counts), ("variances", var)):
+        if a.size and a.min() < 0:
+            raise ProtocolError(ErrorCode.NEGATIVE, f"{name} must be >= 0, found {a.min()}")
+
+
+def _all_finite(a: np.ndarray) -> bool:
+    # A sum of squares is finite only if every element is (squares cannot cancel): one BLAS
+    # pass, no allocation.  It can overflow on huge finite values, so confirm before refusing.
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(np.dot(a, a)):
+            return True
+    return bool(np.isfinite(a.min()) and np.isfinite(a.max()))
+
+
+# -- PUSH -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Push:
+    """One worker's statistics of one step for the layers of one shard."""
+
+    job: str
+    worker: str
+    session: int  # random per client incarnation, so a restarted worker's sequence starts afresh
+    seq: int
+    step: int
+    layout: Layout
+    counts: np.ndarray  # float64, one per layer
+    means: np.ndarray  # float32 or float64, layout.total
+    var: np.ndarray  # biased, same dtype as means
+    reply_dtype: str = "<f8"
+
+
+_PUSH_FIELDS = {"job": str, "worker": str, "session": int, "seq": int, "step": int, "layout": bytes, "reply": str}
+_LAYOUT_FIELDS = {"names": list, "channels": list}
+
+
+def encode_push(push: Push, key: int, with_layout: bool) -> list[Any]:
+    header: dict[str, Any] = {
+        "job": push.job,
+        "worker": push.worker,
+        "session": push.session,
+        "seq": push.seq,
+        "step": push.step,
+        "layout": push.layout.id,
+        "reply": push.reply_dtype,
+    }
+    if with_layout:
+        header["names"] = list(push.layout.names)
+        header["channels"] = list(push.layout.channels)
+    return encode(Command.PUSH, key, header, (push.counts, push.means, push.var))
+
+
+def parse_push(msg: Message, layouts: Mapping[bytes, Layout]) -> Push:
+    """A validated :class:`Push`; ``layouts`` are those registered so far, by id.
+
+    A header that carries ``names`` and ``channels`` registers its layout (the caller stores
+    ``push.layout`` once the push is accepted); one that does not must name a known layout.
+    """
+    _expect(msg, Command.PUSH)
+    h = _fields(msg, _PUSH_FIELDS, _LAYOUT_FIELDS)
+    if h["reply"] not in _STAT_DTYPES:
+        raise ProtocolError(ErrorCode.DTYPE, f"reply dtype must be one of {_STAT_DTYPES}, got {h['reply']!r:.20}")
+    layout = _push_layout(h, layouts)
+    counts, means, var = _stat_arrays(msg.arrays, layout, "<f8")
+    _check_stats(counts, means, var)
+    return Push(h["job"], h["worker"], h["session"], h["seq"], h["step"], layout, counts, means, var, h["reply"])
+
+
+def _push_layout(h: Mapping[str, Any], layouts: Mapping[bytes, Layout]) -> Layout:
+    lid = h["layout"]
+    if len(lid) != ID_BYTES:
+        raise ProtocolError(ErrorCode.HEADER, f"layout id must be {ID_BYTES} bytes, got {len(lid)}")
+    if "names" not in h and "channels" not in h:
+        known = layouts.get(lid)
+        if known is None:
+            raise ProtocolError(
+                ErrorCode.UNKNOWN_LAYOUT, f"layout {lid.hex()} is not registered here; send it with names and channels"
+            )
+        return known
+    if "names" not in h or "channels" not in h:
+        raise ProtocolError(ErrorCode.HEADER, "a layout needs both 'names' and 'channels'")
+    try:
+        layout = Layout(tuple(h["names"]), tuple(h["channels"]))
+    except LayoutError as exc:
+        raise ProtocolError(ErrorCode.LAYOUT, f"invalid layout: {exc}") from None
+    if layout.id != lid:
+        raise ProtocolError(
+            ErrorCode.LAYOUT, f"layout id {lid.hex()} does not match its names and channels ({layout.id.hex()})"
+        )
+    return layout
+
+
+def _stat_arrays(arrays: tuple[np.ndarray, ...], layout: Layout, count_dtype: str) -> tuple[np.ndarray, ...]:
+    if len(arrays) < 3:
+        raise ProtocolError(ErrorCode.FRAMES, f"statistics need 3 arrays (counts, means, variances), got {len(arrays)}")
+    counts, means, var = arrays[:3]
+    if counts.dtype.str != count_dtype or means.dtype.str not in _STAT_DTYPES or var.dtype != means.dtype:
+        raise ProtocolError(
+            ErrorCode.DTYPE,
+            f"expected counts {count_dtype} and means, variances both in {_STAT_DTYPES}; "
+            f"got {counts.dtype.str}, {means.dtype.str}, {var.dtype.str}",
+        )
+    if counts.size != layout.layers or means.size != layout.total or var.size != layout.total:
+        raise ProtocolError(
+            ErrorCode.LAYOUT,
+            f"layout has {layout.layers} layers and {layout.total} channels; "
+            f"arrays have {counts.size} counts, {means.size} means, {var.size} variances",
+        )
+    return counts, means, var
+
+
+# -- HISTORY ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HistoryReply:
+    """The history of the layers a push carried, as the shard holds it after the push."""
+
+    seq: int
+    step: int
+    layout_id: bytes
+    counts: np.ndarray  # float64, one per layer (all of a layer's channels share it)
+    means: np.ndarray
+    var: np.ndarray  # biased
+    versions: np.ndarray  # uint64, one per layer
+    complete: bool = True  # sync mode: False when the step's timeout passed before all workers
+
+
+def encode_history(reply: HistoryReply, key: int) -> list[Any]:
+    header = {"seq": reply.seq, "step": reply.step, "layout": reply.layout_id, "complete": reply.complete}
+    return encode(Command.HISTORY, key, header, (reply.counts, reply.means, reply.var, reply.versions))
+
+
+def parse_history(msg: Message, layout: Layout) -> HistoryReply:
+    """A validated :class:`HistoryReply` for a push made with ``layout``."""
+    _expect(msg, Command.HISTORY)
+    h = _fields(msg, {"seq": int, "step": int, "layout": bytes, "complete": bool})
+    if h["layout"] != layout.id:
+        raise ProtocolError(
+            ErrorCode.LAYOUT, f"reply is for layout {h['layout'].hex()}, the push used {layout.id.hex()}"
+        )
+    if len(msg.arrays) != 4:
+        raise ProtocolError(ErrorCode.FRAMES, f"a history reply has 4 arrays, got {len(msg.arrays)}")
+    counts, means, var = _stat_arrays(msg.arrays, layout, "<f8")
+    versions = msg.arrays[3]
+    if versions.dtype.str != "<u8" or versions.size != layout.layers:
+        raise ProtocolError(
+            ErrorCode.LAYOUT, f"expected {layout.layers} <u8 versions, got {versions.size} {versions.dtype.str}"
+        )
+    _check_stats(counts, means, var)
+    return HistoryReply(h["seq"], h["step"], h["layout"], counts, means, var, versions, h["complete"])
+
+
+# -- ERROR ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Error:
+    code: ErrorCode
+    message: str
+    seq: int | None = None
+
+
+def encode_error(code: ErrorCode, message: str, key: int, seq: int | None = None) -> list[Any]:
+    header: dict[str, Any] = {"code": code.value, "message": message[:1000]}
+    if seq is not None:
+        header["seq"] = seq
+    return encode(Command.ERROR, key, header)
+
+
+def parse_error(msg: Message) -> Error:
+    _expect(msg, Command.ERROR)
+    h = msg.header
+    code, text = h.get("code"), h.get("message")
+    if not isinstance(code, str) or not isinstance(text, str) or set(h) - {"code", "message", "seq"}:
+        raise ProtocolError(ErrorCode.HEADER, f"an ERROR header has 'code' and 'message' strings, got {sorted(h)}")
+    try:
+        err = ErrorCode(code)
+    except ValueError:
+        err = ErrorCode.INTERNAL
+    seq = h.get("seq")
+    if seq is not None:
+        _check_type(msg.command, "seq", seq, int)
+    return Error(err, text, seq)
+
+
+# -- control: HELLO / WELCOME / HEARTBEAT / STATUS / REPORT -------------------------------------
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """An aggregator's claim, repeated every interval: it owns ``shard`` of ``shards``."""
+
+    shard: int
+    shards: int
+    name: str
+
+
+def encode_heartbeat(beat: Heartbeat) -> list[Any]:
+    return encode(Command.HEARTBEAT, BROKER_KEY, {"shard": beat.shard, "shards": beat.shards, "name": beat.name})
+
+
+def parse_heartbeat(msg: Message) -> Heartbeat:
+    _expect(msg, Command.HEARTBEAT)
+    h = _fields(msg, {"shard": int, "shards": int, "name": str})
+    if not 0 < h["shards"] <= MAX_SHARDS or h["shard"] >= h["shards"]:
+        raise ProtocolError(
+            ErrorCode.HEADER, f"shard must be i/n with 0 <= i < n <= {MAX_SHARDS}, got {h['shard']}/{h['shards']}"
+        )
+    return Heartbeat(h["shard"], h["shards"], h["name"])
+
+
+def encode_welcome(shards: int, key: int = BROKER_KEY) -> list[Any]:
+    return encode(Command.WELCOME, key, {"shards": shards})
+
+
+def parse_welcome(msg: Message) -> int:
+    _expect(msg, Command.WELCOME)
+    shards = _fields(msg, {"shards": int})["shards"]
+    if not 0 < shards <= MAX_SHARDS:
+        raise ProtocolError(ErrorCode.HEADER, f"shards must be in 1..{MAX_SHARDS}, got {shards}")
+    return shards
+
+
+def encode_hello(job: str, worker: str) -> list[Any]:
+    return encode(Command.HELLO, BROKER_KEY, {"job": job, "worker": worker})
+
+
+def parse_hello(msg: Message) -> tuple[str, str]:
+    _expect(msg, Command.HELLO)
+    h = _fields(msg, {"job": str, "worker": str})
+    return h["job"], h["worker"]
+
+
+def encode_status(key: int = BROKER_KEY) -> list[Any]:
+    return encode(Command.STATUS, key, {})
+
+
+def parse_status(msg: Message) -> None:
+    _expect(msg, Command.STATUS)
+    _fields(msg, {})
+
+
+def encode_report(report: Mapping[str, Any], key: int = BROKER_KEY) -> list[Any]:
+    return encode(Command.REPORT, key, {"report": dict(report)})
+
+
+def parse_report(msg: Message) -> dict[str, Any]:
+    _expect(msg, Command.REPORT)
+    report = _fields(msg, {"report": dict})["report"]
+    return report

@@ -1,0 +1,209 @@
+"""Batch-normalization statistics: moments, their exact merge, a decaying history, the blend.
+
+Everything here is pure numpy and vectorized over channels.  A whole step's statistics for
+many layers is the same thing as one layer's: a :class:`Moments` whose arrays are the layers'
+channels laid end to end, with each layer's count repeated over its channels (see
+:class:`psq.layout.Layout`).  So the aggregator and the client update every layer of a step in
+a handful of numpy calls, never in a Python loop over layers.
+
+Variances are **biased** throughout (divided by the count), as batch normalization normalizes
+with them; torch's running buffers use the unbiased convention, see :func:`unbiased_var`.
+Accumulation is float64 whatever the input dtype.
+
+The pure functions (:func:`merge`, :func:`blend`) allocate their result.  The in-place kernels
+(:func:`merge_into`, :func:`decay_into`) are what the hot paths call with preallocated
+:class:`Scratch` so that a message costs no allocation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+F64 = NDArray[np.float64]
+# Floor for a divisor that is a count: 0/_TINY == 0, so empty sets contribute nothing
+# without a masked divide (which would allocate a mask per call).
+_TINY = np.finfo(np.float64).tiny
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Per-channel count, mean and **biased** variance.
+
+    ``count`` is the number of elements each channel's moments summarize (``N*H*W`` for a
+    2-d batch-norm layer): a scalar or an array broadcastable to ``mean``.  Counts may be
+    fractional, since a history's samples lose weight as they age.  The arrays are not
+    copied; the in-place kernels of this module write into them.
+    """
+
+    count: Any
+    mean: Any
+    var: Any
+
+    @classmethod
+    def of(cls, x: ArrayLike, axis: int | tuple[int, ...]) -> Moments:
+        """Moments of ``x`` reduced over ``axis`` (an axis or axes), in float64."""
+        x = np.asarray(x)
+        axes = (axis,) if isinstance(axis, int) else tuple(axis)
+        count = float(np.prod([x.shape[a] for a in axes]))
+        return cls(count, x.mean(axis=axes, dtype=np.float64), x.var(axis=axes, dtype=np.float64))
+
+    @classmethod
+    def zeros(cls, channels: int) -> Moments:
+        """``channels`` channels with count 0: an empty history, owning its float64 arrays."""
+        return cls(np.zeros(channels), np.zeros(channels), np.zeros(channels))
+
+    def owned(self) -> Moments:
+        """A float64 copy with a per-channel count array, safe to update in place."""
+        mean = np.array(self.mean, dtype=np.float64)
+        count = np.array(np.broadcast_to(np.asarray(self.count, np.float64), mean.shape))
+        return Moments(count, mean, np.array(self.var, dtype=np.float64))
+
+
+class Scratch:
+    """Preallocated float64 work arrays for the in-place kernels."""
+
+    __slots__ = ("a", "b")
+
+    def __init__(self, shape: int | tuple[int, ...]) -> None:
+        self.a = np.empty(shape)
+        self.b = np.empty(shape)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.a.shape
+
+
+def merge(a: Moments, b: Moments) -> Moments:
+    """Exact pooled moments of two sets (Chan et al.), as a new :class:`Moments`.
+
+    Equals :meth:`Moments.of` of the concatenated data; associative and commutative.  A set
+    with count 0 contributes nothing.
+    """
+    shape = np.broadcast_shapes(np.shape(a.mean), np.shape(b.mean))
+    acc = Moments(
+        np.array(np.broadcast_to(np.asarray(a.count, np.float64), shape)),
+        np.array(np.broadcast_to(np.asarray(a.mean, np.float64), shape)),
+        np.array(np.broadcast_to(np.asarray(a.var, np.float64), shape)),
+    )
+    merge_into(acc, b, Scratch(shape))
+    return acc
+
+
+def merge_into(acc: Moments, b: Moments, scratch: Scratch) -> None:
+    """Merge ``b`` into ``acc`` in place, allocating nothing.
+
+    ``acc`` holds float64 arrays of one shape (count per channel); ``b``'s fields broadcast to
+    it.  With ``r = nB/n`` and ``d = mB − mA``: ``m = mA + r·d`` and
+    ``v = vA + r·(vB − vA) + r(1−r)·d²``, the Chan et al. merge in a form with no ``n²``.
+    """
+    n, m, v = acc.count, acc.mean, acc.var
+    r, t = scratch.a, scratch.b
+    n += b.count
+    np.maximum(n, _TINY, out=r)
+    np.divide(b.count, r, out=r)
+    np.subtract(b.var, v, out=t)
+    t *= r
+    v += t
+    np.subtract(b.mean, m, out=t)
+    m += np.multiply(t, r, out=r)  # r now holds r·d ...
+    r *= t  # ... then r·d²; (1 − r) is recovered below from the counts.
+    np.divide(b.count, np.maximum(n, _TINY, out=t), out=t)
+    np.subtract(1.0, t, out=t)
+    r *= t
+    v += r
+
+
+def decay_into(history: Moments, arriving: Any, half_life: float, scratch: Scratch) -> None:
+    """Age ``history`` in place by the arrival of ``arriving`` samples: counts × 2^(−S/h)."""
+    t = scratch.a
+    np.multiply(arriving, -1.0 / half_life, out=t)
+    np.exp2(t, out=t)
+    np.multiply(history.count, t, out=history.count)
+
+
+class History:
+    """Exponentially weighted history of moments, the half-life counted in samples.
+
+    On each update with batch moments ``B``: ``H ← merge(scale(H, 2^(−nB/h)), B)``, where
+    ``scale`` multiplies only the count.  A batch's samples thus weigh ``2^(−S/h)`` where ``S``
+    is the number of samples that arrived after it, whoever sent them: the decay counts
+    samples, not messages, steps or workers.  Samples are the moments' count unit (``N*H*W``
+    per channel for a 2-d layer).  ``version`` grows by one with every update.
+    """
+
+    def __init__(self, half_life: float, channels: int | None = None) -> None:
+        if not half_life > 0 or not np.isfinite(half_life):
+            raise ValueError(f"half_life must be a positive finite number of samples, got {half_life!r}")
+        self.half_life = float(half_life)
+        self.version = 0
+        self._state = Moments.zeros(channels) if channels is not None else None
+        self._scratch = Scratch(channels) if channels is not None else None
+
+    @property
+    def moments(self) -> Moments:
+        """The current history (a copy); count 0 before any update."""
+        if self._state is None:
+            return Moments(0.0, 0.0, 0.0)
+        return self._state.owned()
+
+    def update(self, batch: Moments) -> None:
+        if self._state is None:
+            self._state = Moments.zeros(np.shape(batch.mean))
+            self._scratch = Scratch(np.shape(batch.mean))
+        assert self._scratch is not None
+        decay_into(self._state, batch.count, self.half_life, self._scratch)
+        merge_into(self._state, batch, self._scratch)
+        self.version += 1
+
+
+def blend_weight(n_history: Any, n_batch: Any, weight: float) -> Any:
+    """The history's share ``a`` of the statistics a worker normalizes with.
+
+    The history's count is capped at ``c = min(nH, nB·w/(1−w))`` so that it makes up at most
+    a fraction ``w`` of the result; ``a = c/(c + nB)``, and 0 when there is no history.
+    """
+    if not 0.0 <= weight < 1.0:
+        raise ValueError(f"history weight must be in [0, 1), got {weight!r}")
+    c = np.minimum(n_history, np.multiply(n_batch, weight / (1.0 - weight)))
+    return c / np.maximum(c + n_batch, _TINY)
+
+
+def mix(a: Any, mean_h: Any, var_h: Any, mean_b: Any, var_b: Any) -> tuple[Any, Any]:
+    """Mean and biased variance of the merge of history and batch, the history weighing ``a``.
+
+    Only arithmetic operators, so the same formula serves numpy arrays here and torch tensors
+    in :mod:`psq.torch` (where the history is a constant for autograd).  With ``a = 0`` the
+    result is the batch's moments exactly.
+    """
+    d = mean_b - mean_h
+    mean = a * mean_h + (1.0 - a) * mean_b
+    var = a * var_h + (1.0 - a) * var_b + (a * (1.0 - a)) * (d * d)
+    return mean, var
+
+
+def blend(history: Moments, batch: Moments, weight: float) -> Moments:
+    """The statistics a worker normalizes with: the capped history merged with the batch.
+
+    With ``a`` from :func:`blend_weight`: ``mean = a·mH + (1−a)·mB`` and
+    ``var = a·vH + (1−a)·vB + a(1−a)(mB−mH)²``; ``weight = 0`` returns the batch exactly.
+    """
+    a = blend_weight(history.count, batch.count, weight)
+    mean, var = mix(
+        a,
+        np.asarray(history.mean, np.float64),
+        np.asarray(history.var, np.float64),
+        np.asarray(batch.mean, np.float64),
+        np.asarray(batch.var, np.float64),
+    )
+    n_used = np.minimum(history.count, np.multiply(batch.count, weight / (1.0 - weight)))
+    return Moments(n_used + np.asarray(batch.count, np.float64), mean, var)
+
+
+def unbiased_var(moments: Moments) -> Any:
+    """The variance in torch's running-buffer convention: ``var·n/(n−1)``, biased when n ≤ 1."""
+    n = np.asarray(moments.count, np.float64)
+    return np.where(n > 1.0, moments.var * (n / np.maximum(n - 1.0, _TINY)), moments.var)

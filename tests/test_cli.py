@@ -1,0 +1,38 @@
+"""The ``psq`` command line, run as users run it: a separate process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import psq
+
+
+def run_psq(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "psq", *args], capture_output=True, text=True, timeout=timeout_s)
+
+
+def test_version():
+    out = run_psq("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"psq {psq.__version__}"
+
+
+def test_import_psq_does_not_import_torch():
+    code = "import sys, psq, psq.protocol, psq.stats, psq.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+
+
+def test_bench_codec_prints_its_table_with_the_reference_rows():
+    out = run_psq("bench", "codec", "--rounds", "2", "--per-round", "3", "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    methods = [row[0] for row in result["rows"]]
+    assert methods == ["floor: one numpy copy", "psq: encode + decode + validate", "plain msgpack of the bytes"]
+    assert all(row[1] > 0 and row[3] > 212_000 for row in result["rows"])
+
+
+def test_bad_flag_value_gets_a_clear_error():
+    out = run_psq("bench", "codec", "--rounds", "zero")
+    assert out.returncode == 2 and "expected a positive integer, got 'zero'" in out.stderr

@@ -1,0 +1,1 @@
+"""psq's training side, run as processes: the trainers the Procfile starts."""
