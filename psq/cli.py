@@ -8,16 +8,32 @@ lazily, so ``import psq`` stays light.
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 
 import psq
+from psq import config
+from psq.config import AggregatorSettings, BrokerSettings, SettingsError, StatusSettings
+
+config.EXTRA_ENVIRONMENT.add("PSQ_LOG_LEVEL")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="psq", description=psq.__doc__)
     parser.add_argument("--version", action="version", version=f"psq {psq.__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    config.add_arguments(
+        commands.add_parser("broker", help="route statistics between workers and aggregators"), BrokerSettings
+    )
+    config.add_arguments(commands.add_parser("aggregator", help="own one shard of the statistics"), AggregatorSettings)
+    status = commands.add_parser("status", help="what the broker and the aggregators hold")
+    config.add_arguments(status, StatusSettings)
+    status.add_argument("--json", action="store_true", help="print the report as JSON")
     bench = commands.add_parser("bench", help="benchmarks, each side by side with its reference")
     benches = bench.add_subparsers(dest="bench", metavar="BENCH", required=True)
     codec = benches.add_parser("codec", help="encode + decode of one step of ResNet-50 statistics")
@@ -30,6 +46,26 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("PSQ_LOG_LEVEL", "INFO").upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    try:
+        config.check_environment(os.environ)
+        return _dispatch(parser, args)
+    except SettingsError as exc:
+        print(f"psq {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if args.command == "broker":
+        return _broker(config.load(BrokerSettings, args, os.environ))
+    if args.command == "aggregator":
+        return _aggregator(config.load(AggregatorSettings, args, os.environ))
+    if args.command == "status":
+        return _status(config.load(StatusSettings, args, os.environ), args.json)
     if args.command == "bench" and args.bench == "codec":
         from psq.bench import codec
 
@@ -37,6 +73,51 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     parser.print_help(sys.stderr)
     return 2
+
+
+def _until_signalled(serve: Callable[[Callable[[], bool]], None]) -> None:
+    """Run a service until SIGTERM or SIGINT (the service checks the flag every tick)."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    serve(stop.is_set)
+
+
+def _broker(settings: BrokerSettings) -> int:
+    import zmq
+
+    from broker.broker import Broker
+
+    try:
+        _until_signalled(Broker(settings).run)
+    except zmq.ZMQError as exc:
+        print(f"psq broker: cannot bind {settings.frontend} / {settings.backend}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _aggregator(settings: AggregatorSettings) -> int:
+    from broker.aggregator import Aggregator, ShardTaken
+    from broker.snapshot import SnapshotError
+
+    try:
+        _until_signalled(Aggregator(settings).run)
+    except (SnapshotError, ShardTaken) as exc:
+        print(f"psq aggregator: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _status(settings: StatusSettings, as_json: bool) -> int:
+    from psq.status import StatusError, query, render
+
+    try:
+        report = query(settings.frontend, settings.timeout_s)
+    except StatusError as exc:
+        print(f"psq status: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(report, indent=2) if as_json else render(report))
+    return 0
 
 
 def _positive_int(text: str) -> int:

@@ -9,6 +9,7 @@ anything; a layout is sent in full once per peer and then named by id.
 from __future__ import annotations
 
 import hashlib
+import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -86,14 +87,16 @@ class Layout:
     def flatten(
         self, stats: Mapping[str, Moments], dtype: type = np.float64
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``{layer: Moments}`` in this layout's order → (counts per layer, means, variances)."""
-        missing = set(self.names).symmetric_difference(stats)
-        if missing:
-            raise LayoutError(f"statistics do not match the layout: layers {sorted(missing)[:5]} differ")
-        counts = np.array([float(np.max(stats[n].count)) for n in self.names])
-        means = np.concatenate([np.ravel(stats[n].mean) for n in self.names]).astype(dtype, copy=False)
-        var = np.concatenate([np.ravel(stats[n].var) for n in self.names]).astype(dtype, copy=False)
-        if means.size != self.total:
+        """This layout's layers of ``stats`` (others are ignored) → (counts per layer, means,
+        variances), flat, in this layout's order."""
+        try:
+            parts = [stats[n] for n in self.names]
+        except KeyError as exc:
+            raise LayoutError(f"statistics lack layer {exc.args[0]!r} of the layout") from None
+        counts = np.array([float(np.max(m.count)) for m in parts])
+        means = np.concatenate([np.ravel(m.mean) for m in parts]).astype(dtype, copy=False)
+        var = np.concatenate([np.ravel(m.var) for m in parts]).astype(dtype, copy=False)
+        if means.size != self.total or var.size != self.total:
             raise LayoutError(f"statistics have {means.size} channels, the layout {self.total}")
         return counts, means, var
 
@@ -109,6 +112,11 @@ class Layout:
         keep = set(names)
         pairs = [(n, c) for n, c in zip(self.names, self.channels) if n in keep]
         return Layout(tuple(n for n, _ in pairs), tuple(c for _, c in pairs))
+
+
+def shard_of(name: str, shards: int) -> int:
+    """The shard that owns a layer: a stable hash of its name (the same in every process)."""
+    return zlib.crc32(name.encode()) % shards
 
 
 def _check(names: tuple[str, ...], channels: tuple[int, ...]) -> None:

@@ -141,13 +141,15 @@ def decode(frames: Sequence[Any], max_bytes: int = DEFAULT_MAX_BYTES) -> Message
     if size > max_bytes:
         raise ProtocolError(ErrorCode.OVERSIZED, f"message of {size} bytes exceeds the limit of {max_bytes}")
     command, key = parse_envelope(views[0])
-    header = _unpack_header(views[1])
+    header = read_header(views[1])
     spec = header.pop("arrays", None)
     arrays = _arrays(spec, views[2:])
     return Message(command, key, header, arrays)
 
 
-def _unpack_header(view: memoryview) -> dict[str, Any]:
+def read_header(frame: Any) -> dict[str, Any]:
+    """The header map of a message's second frame, validated as msgpack and as a map."""
+    view = memoryview(frame)
     if view.nbytes > MAX_HEADER_BYTES:
         raise ProtocolError(ErrorCode.OVERSIZED, f"header of {view.nbytes} bytes exceeds {MAX_HEADER_BYTES}")
     try:
@@ -246,7 +248,7 @@ def _expect(msg: Message, command: Command) -> None:
         raise ProtocolError(ErrorCode.COMMAND, f"expected {command.name}, got {msg.command.name}")
 
 
-def _check_stats(counts: np.ndarray, means: np.ndarray, var: np.ndarray) -> None:
+def check_stats(counts: np.ndarray, means: np.ndarray, var: np.ndarray) -> None:
     """Finite values, non-negative counts and variances; refuses with the rule broken."""
     for name, a in (("counts", counts), ("means", means), ("variances", var)):
         if not _all_finite(a):
@@ -316,7 +318,7 @@ def parse_push(msg: Message, layouts: Mapping[bytes, Layout]) -> Push:
         raise ProtocolError(ErrorCode.DTYPE, f"reply dtype must be one of {_STAT_DTYPES}, got {h['reply']!r:.20}")
     layout = _push_layout(h, layouts)
     counts, means, var = _stat_arrays(msg.arrays, layout, "<f8")
-    _check_stats(counts, means, var)
+    check_stats(counts, means, var)
     return Push(h["job"], h["worker"], h["session"], h["seq"], h["step"], layout, counts, means, var, h["reply"])
 
 
@@ -401,7 +403,7 @@ def parse_history(msg: Message, layout: Layout) -> HistoryReply:
         raise ProtocolError(
             ErrorCode.LAYOUT, f"expected {layout.layers} <u8 versions, got {versions.size} {versions.dtype.str}"
         )
-    _check_stats(counts, means, var)
+    check_stats(counts, means, var)
     return HistoryReply(h["seq"], h["step"], h["layout"], counts, means, var, versions, h["complete"])
 
 

@@ -46,7 +46,7 @@ def test_subset_keeps_order():
 
 def test_flatten_refuses_statistics_of_other_layers():
     layout = Layout(("a",), (2,))
-    with pytest.raises(LayoutError, match="do not match"):
+    with pytest.raises(LayoutError, match="lack layer 'a'"):
         layout.flatten({"b": Moments(1.0, np.zeros(2), np.zeros(2))})
     with pytest.raises(LayoutError, match="channels"):
         layout.flatten({"a": Moments(1.0, np.zeros(3), np.zeros(3))})

@@ -1,0 +1,240 @@
+"""The aggregator's store: the one object that owns the statistics of a shard.
+
+Per job, every layer's history lives in flat float64 arrays (channels end to end, the count
+repeated per channel), so one push updates all its layers with a handful of numpy calls into
+preallocated buffers.  A layout's layers usually sit contiguously (the first push of a layout
+appends them in its order), and then the update works on views, in place.
+
+Every push is validated before it touches anything (:mod:`psq.protocol` checks the frames;
+:meth:`Store.admit` checks that its layers belong here and fit), and an update from a
+``(job, worker, session)`` is applied at most once per sequence number.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from psq.layout import Layout, shard_of
+from psq.protocol import ErrorCode, HistoryReply, ProtocolError, Push
+from psq.stats import Moments, Scratch, decay_into, merge_into
+
+MAX_JOBS = 1024
+MAX_CHANNELS = 1 << 26  # per aggregator: 64 M channels, 1.5 GiB of float64 state
+MAX_SESSIONS = 100_000  # remembered (job, worker, session) sequence numbers, oldest dropped first
+
+
+@dataclass
+class Placement:
+    """Where one layout's layers live in its job's arrays, with that layout's work buffers."""
+
+    layout: Layout
+    channels: slice | np.ndarray  # positions of the layout's channels in the job's arrays
+    layers: slice | np.ndarray  # positions of its layers (for versions)
+    first: np.ndarray  # position of each layer's first channel (its count)
+    scratch: Scratch
+    expanded: np.ndarray  # the push's per-layer counts repeated per channel
+    replies: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+    @property
+    def contiguous(self) -> bool:
+        return isinstance(self.channels, slice)
+
+
+class JobState:
+    """One job's layers: names, channel ranges, and the flat history arrays."""
+
+    def __init__(self) -> None:
+        self.index: dict[str, int] = {}
+        self.names: list[str] = []
+        self.channels: list[int] = []
+        self.starts: list[int] = []
+        self.total = 0
+        self.count = np.zeros(0)
+        self.mean = np.zeros(0)
+        self.var = np.zeros(0)
+        self.versions = np.zeros(0, np.uint64)
+        self.placements: dict[bytes, Placement] = {}
+
+    def conflicts(self, layout: Layout) -> str | None:
+        """Why ``layout`` cannot be placed here (a known layer with another width), if it can't."""
+        for name, c in zip(layout.names, layout.channels):
+            i = self.index.get(name)
+            if i is not None and self.channels[i] != c:
+                return f"layer {name!r} has {self.channels[i]} channels here, the push says {c}"
+        return None
+
+    def new_channels(self, layout: Layout) -> int:
+        return sum(c for n, c in zip(layout.names, layout.channels) if n not in self.index)
+
+    def place(self, layout: Layout) -> Placement:
+        placement = self.placements.get(layout.id)
+        if placement is None:
+            for name, c in zip(layout.names, layout.channels):
+                if name not in self.index:
+                    self._append(name, c)
+            placement = self._placement(layout)
+            self.placements[layout.id] = placement
+        return placement
+
+    def _append(self, name: str, channels: int) -> None:
+        self.index[name] = len(self.names)
+        self.names.append(name)
+        self.channels.append(channels)
+        self.starts.append(self.total)
+        self.total += channels
+        if self.total > self.count.size:
+            capacity = max(self.total, 2 * self.count.size)
+            self.count, self.mean, self.var = (_grown(a, capacity) for a in (self.count, self.mean, self.var))
+        if len(self.names) > self.versions.size:
+            self.versions = _grown(self.versions, max(16, 2 * self.versions.size))
+
+    def _placement(self, layout: Layout) -> Placement:
+        layer_pos = np.array([self.index[n] for n in layout.names], dtype=np.intp)
+        firsts = np.array([self.starts[i] for i in layer_pos], dtype=np.intp)
+        channel_pos = np.concatenate([np.arange(s, s + c) for s, c in zip(firsts, layout.channels)])
+        channels: slice | np.ndarray = channel_pos
+        layers: slice | np.ndarray = layer_pos
+        if np.array_equal(channel_pos, np.arange(channel_pos[0], channel_pos[0] + channel_pos.size)):
+            channels = slice(int(channel_pos[0]), int(channel_pos[-1]) + 1)
+            if np.array_equal(layer_pos, np.arange(layer_pos[0], layer_pos[0] + layer_pos.size)):
+                layers = slice(int(layer_pos[0]), int(layer_pos[-1]) + 1)
+        return Placement(layout, channels, layers, firsts, Scratch(layout.total), np.empty(layout.total))
+
+    def history(self, p: Placement) -> Moments:
+        """The layout's history: views when contiguous, else a gathered copy (see :meth:`put`)."""
+        return Moments(self.count[p.channels], self.mean[p.channels], self.var[p.channels])
+
+    def put(self, p: Placement, h: Moments) -> None:
+        if not p.contiguous:
+            self.count[p.channels], self.mean[p.channels], self.var[p.channels] = h.count, h.mean, h.var
+
+    def layer_counts(self) -> np.ndarray:
+        return self.count[np.asarray(self.starts, dtype=np.intp)]
+
+
+def _grown(a: np.ndarray, capacity: int) -> np.ndarray:
+    out = np.zeros(capacity, a.dtype)
+    out[: a.size] = a
+    return out
+
+
+class Store:
+    """All jobs' statistics of one shard, with the policy of how updates apply."""
+
+    def __init__(self, shard: int, shards: int, half_life: float) -> None:
+        self.shard, self.shards, self.half_life = shard, shards, half_life
+        self.jobs: dict[str, JobState] = {}
+        self.layouts: dict[bytes, Layout] = {}  # every layout placed in some job, by id
+        self.applied: OrderedDict[tuple[str, str, int], int] = OrderedDict()
+        self.updates = 0
+        self.duplicates = 0
+        self.dirty = False  # changed since the last snapshot
+
+    # -- admission: nothing is touched before a push passes ---------------------------------
+
+    def admit(self, push: Push) -> Placement:
+        """The placement of ``push``'s layout, creating it only once every check passed."""
+        job = self.jobs.get(push.job)
+        if job is not None and push.layout.id in job.placements:
+            return job.placements[push.layout.id]
+        self._check_shard(push.layout)
+        if job is None and len(self.jobs) >= MAX_JOBS:
+            raise ProtocolError(ErrorCode.LAYOUT, f"this aggregator holds at most {MAX_JOBS} jobs")
+        state = job or JobState()
+        conflict = state.conflicts(push.layout)
+        if conflict:
+            raise ProtocolError(ErrorCode.LAYOUT, conflict)
+        held = sum(j.total for j in self.jobs.values())
+        if held + state.new_channels(push.layout) > MAX_CHANNELS:
+            raise ProtocolError(ErrorCode.LAYOUT, f"this aggregator holds at most {MAX_CHANNELS} channels")
+        self.jobs[push.job] = state
+        self.layouts[push.layout.id] = push.layout
+        return state.place(push.layout)
+
+    def _check_shard(self, layout: Layout) -> None:
+        foreign = [n for n in layout.names if shard_of(n, self.shards) != self.shard]
+        if foreign:
+            raise ProtocolError(
+                ErrorCode.WRONG_SHARD,
+                f"layers {foreign[:3]} belong to other shards than "
+                f"{self.shard}/{self.shards}; ask the broker how many shards there are",
+            )
+
+    # -- updates ----------------------------------------------------------------------------
+
+    def is_duplicate(self, push: Push) -> bool:
+        last = self.applied.get((push.job, push.worker, push.session))
+        return last is not None and push.seq <= last
+
+    def apply(self, push: Push) -> HistoryReply:
+        """Update the history with ``push`` (unless it was applied before) and reply."""
+        placement = self.admit(push)
+        if self.is_duplicate(push):
+            self.duplicates += 1
+        else:
+            batch = Moments(push.layout.expand(push.counts, out=placement.expanded), push.means, push.var)
+            self.update(push.job, placement, batch)
+            self.remember(push)
+        return self.reply(push.job, placement, push.seq, push.step, push.reply_dtype)
+
+    def update(self, job_name: str, placement: Placement, batch: Moments) -> None:
+        """``H ← merge(scale(H, 2^(−nB/h)), B)`` over all the placement's channels at once."""
+        job = self.jobs[job_name]
+        h = job.history(placement)
+        decay_into(h, batch.count, self.half_life, placement.scratch)
+        merge_into(h, batch, placement.scratch)
+        job.put(placement, h)
+        job.versions[placement.layers] += np.uint64(1)
+        self.updates += 1
+        self.dirty = True
+
+    def remember(self, push: Push) -> None:
+        key = (push.job, push.worker, push.session)
+        self.applied[key] = push.seq
+        self.applied.move_to_end(key)
+        if len(self.applied) > MAX_SESSIONS:
+            self.applied.popitem(last=False)
+
+    def reply(
+        self, job_name: str, placement: Placement, seq: int, step: int, dtype: str, complete: bool = True
+    ) -> HistoryReply:
+        """The placement's history.  Its arrays may be views into the store, valid until the
+        next update: encode and send it at once (the socket copies it out)."""
+        job = self.jobs[job_name]
+        means, var = job.mean[placement.channels], job.var[placement.channels]
+        if dtype != "<f8":  # cast into this layout's reply buffers: no allocation per message
+            if dtype not in placement.replies:
+                placement.replies[dtype] = (np.empty(means.size, dtype), np.empty(means.size, dtype))
+            out_means, out_var = placement.replies[dtype]
+            np.copyto(out_means, means, casting="same_kind")
+            np.copyto(out_var, var, casting="same_kind")
+            means, var = out_means, out_var
+        return HistoryReply(
+            seq,
+            step,
+            placement.layout.id,
+            job.count[placement.first],
+            means,
+            var,
+            job.versions[placement.layers],
+            complete,
+        )
+
+    # -- status -----------------------------------------------------------------------------
+
+    def report(self) -> dict[str, object]:
+        jobs = {}
+        for name, job in self.jobs.items():
+            counts = job.layer_counts()
+            jobs[name] = [[n, float(counts[i]), int(job.versions[i])] for i, n in enumerate(job.names)]
+        return {
+            "shard": self.shard,
+            "shards": self.shards,
+            "half_life": self.half_life,
+            "updates": self.updates,
+            "duplicates": self.duplicates,
+            "jobs": jobs,
+        }

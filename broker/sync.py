@@ -1,0 +1,86 @@
+"""Sync mode: a step's reply waits until every worker's statistics for that step arrived.
+
+For verification against SyncBatchNorm: the reply carries the pooled moments of the step's
+global batch, so every worker normalizes with the same statistics.  Pure bookkeeping; the
+aggregator owns the sockets and the store.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from psq.protocol import Push
+from psq.stats import Moments, Scratch, merge_into
+
+StepKey = tuple[str, bytes, int]  # (job, layout id, step)
+MAX_PENDING = 4096
+COMPLETED_KEPT = 256  # finished steps remembered to answer retried pushes
+
+
+@dataclass
+class Step:
+    started: float
+    arrivals: dict[tuple[str, int], tuple[Any, Push]] = field(
+        default_factory=dict
+    )  # (worker, session) -> (route, push)
+
+    def pooled(self) -> Moments:
+        """Exact moments of the union of every arrival's batch."""
+        layout = next(iter(self.arrivals.values()))[1].layout
+        acc = Moments.zeros(layout.total)
+        scratch = Scratch(layout.total)
+        for _, push in self.arrivals.values():
+            merge_into(acc, Moments(layout.expand(push.counts), push.means, push.var), scratch)
+        return acc
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A step's pooled moments, per layer counts, and the versions after its update."""
+
+    counts: np.ndarray
+    means: np.ndarray
+    var: np.ndarray
+    versions: np.ndarray
+    complete: bool
+
+
+class SyncSteps:
+    def __init__(self, workers: int, timeout_s: float) -> None:
+        self.workers, self.timeout_s = workers, timeout_s
+        self.pending: OrderedDict[StepKey, Step] = OrderedDict()
+        self.completed: OrderedDict[StepKey, Finished] = OrderedDict()
+
+    def add(self, push: Push, route: Any, now: float) -> tuple[StepKey, Step | None]:
+        """Record an arrival; the step is returned once all workers are in.
+
+        A retried push (same worker and session) replaces the earlier route, since a retry
+        comes over a fresh socket, and is not counted twice.
+        """
+        key = (push.job, push.layout.id, push.step)
+        step = self.pending.get(key)
+        if step is None:
+            step = self.pending[key] = Step(now)
+        step.arrivals[(push.worker, push.session)] = (route, push)
+        if len(step.arrivals) >= self.workers:
+            return key, self.pending.pop(key)
+        return key, None
+
+    def expired(self, now: float) -> list[tuple[StepKey, Step]]:
+        """Steps past their timeout (answered with what arrived), and the oldest beyond the cap."""
+        out = []
+        while self.pending:
+            key, step = next(iter(self.pending.items()))
+            if now - step.started < self.timeout_s and len(self.pending) <= MAX_PENDING:
+                break
+            out.append((key, self.pending.pop(key)))
+        return out
+
+    def finish(self, key: StepKey, result: Finished) -> None:
+        self.completed[key] = result
+        if len(self.completed) > COMPLETED_KEPT:
+            self.completed.popitem(last=False)

@@ -1,0 +1,221 @@
+"""Settings: frozen dataclasses, read from flags and ``PSQ_*`` environment in one place.
+
+Each field declares its flag, its environment variable and how to parse and check it.  A flag
+wins over the environment, the environment over the default.  A ``PSQ_*`` variable that no
+setting knows is an error (a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import ipaddress
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from psq.protocol import DEFAULT_MAX_BYTES, MAX_SHARDS
+
+ENV_PREFIX = "PSQ_"
+DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
+DEFAULT_BACKEND = "tcp://127.0.0.1:5556"
+
+
+class SettingsError(ValueError):
+    """A flag or environment value that psq cannot use; the text says what was expected."""
+
+
+def setting(
+    default: Any, help: str, parse: Callable[[str], Any] = str, env: str | None = None, metavar: str | None = None
+) -> Any:
+    """A settings field: ``env`` defaults to ``PSQ_<NAME>``."""
+    return field(default=default, metadata={"help": help, "parse": parse, "env": env, "metavar": metavar})
+
+
+# -- parsers: text in, value out, SettingsError with what was expected ---------------------------
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise SettingsError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise SettingsError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise SettingsError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise SettingsError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def unit_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise SettingsError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise SettingsError(f"expected a number in [0, 1), got {text!r}")
+    return value
+
+
+def shard_spec(text: str) -> tuple[int, int]:
+    """``"i/n"``: this process owns shard ``i`` of ``n``."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not m or not 0 <= int(m[1]) < int(m[2]) <= MAX_SHARDS:
+        raise SettingsError(f"expected a shard as i/n with 0 <= i < n <= {MAX_SHARDS}, got {text!r}")
+    return int(m[1]), int(m[2])
+
+
+def choice(*options: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in options:
+            raise SettingsError(f"expected one of {', '.join(options)}, got {text!r}")
+        return text
+
+    return parse
+
+
+def endpoint(text: str) -> str:
+    """A ZeroMQ endpoint psq can use: ``tcp://host:port`` or ``ipc://path``."""
+    if re.fullmatch(r"tcp://(\*|[^\s:/]+|\[[0-9a-fA-F:]+\]):\d{1,5}", text) or re.fullmatch(r"ipc://\S+", text):
+        return text
+    raise SettingsError(f"expected a ZeroMQ endpoint like tcp://127.0.0.1:5555 or ipc:///tmp/psq.sock, got {text!r}")
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a bind address reaches only this machine (ipc, 127.0.0.0/8, ::1, localhost)."""
+    if address.startswith("ipc://"):
+        return True
+    host = address[len("tcp://") :].rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def optional_path(text: str) -> Path | None:
+    return Path(text) if text else None
+
+
+# -- the settings of each process -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    frontend: str = setting(DEFAULT_FRONTEND, "address the workers connect to (bound here)", endpoint)
+    backend: str = setting(DEFAULT_BACKEND, "address the aggregators connect to (bound here)", endpoint)
+    heartbeat_s: float = setting(1.0, "aggregator heartbeat interval in seconds", positive_float)
+    liveness: int = setting(3, "missed heartbeats after which an aggregator counts as gone", positive_int)
+    max_message_bytes: int = setting(DEFAULT_MAX_BYTES, "largest message accepted, in bytes", positive_int)
+    hwm: int = setting(1000, "high-water mark (messages queued per peer) of each socket", positive_int)
+
+
+@dataclass(frozen=True)
+class AggregatorSettings:
+    shard: tuple[int, int] = setting((0, 1), "the shard this aggregator owns, as i/n", shard_spec, metavar="I/N")
+    backend: str = setting(DEFAULT_BACKEND, "the broker's backend address (connected to)", endpoint)
+    half_life: float = setting(1e6, "history half-life in samples (per-channel elements: N*H*W)", positive_float)
+    snapshot: Path | None = setting(None, "snapshot file: resumed from at start, written atomically", optional_path)
+    snapshot_interval_s: float = setting(5.0, "seconds between snapshots (and one on SIGTERM)", positive_float)
+    mode: str = setting(
+        "async", "async: reply with the history at once; sync: wait for every worker's step", choice("async", "sync")
+    )
+    workers: int | None = setting(None, "sync mode: the number of workers whose statistics make a step", positive_int)
+    sync_timeout_s: float = setting(10.0, "sync mode: how long a step waits for every worker", positive_float)
+    heartbeat_s: float = setting(1.0, "heartbeat interval in seconds", positive_float)
+    max_message_bytes: int = setting(DEFAULT_MAX_BYTES, "largest message accepted, in bytes", positive_int)
+
+    def __post_init__(self) -> None:
+        if self.mode == "sync" and self.workers is None:
+            raise SettingsError("--mode sync needs --workers N (PSQ_WORKERS): the workers that make a step")
+
+
+@dataclass(frozen=True)
+class StatusSettings:
+    frontend: str = setting(DEFAULT_FRONTEND, "the broker's frontend address", endpoint)
+    timeout_s: float = setting(2.0, "how long to wait for each answer", positive_float)
+
+
+SETTINGS = (BrokerSettings, AggregatorSettings, StatusSettings)
+
+
+# -- reading flags and environment -----------------------------------------------------------------
+
+
+def env_name(f: dataclasses.Field[Any]) -> str:
+    return f.metadata["env"] or ENV_PREFIX + f.name.upper()
+
+
+def known_environment() -> set[str]:
+    return {env_name(f) for cls in SETTINGS for f in dataclasses.fields(cls)} | set(EXTRA_ENVIRONMENT)
+
+
+# Variables read outside these dataclasses (the trainer's, the key files'), registered so that
+# check_environment knows them.
+EXTRA_ENVIRONMENT: set[str] = set()
+
+
+def check_environment(environ: Mapping[str, str]) -> None:
+    unknown = sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in known_environment())
+    if unknown:
+        raise SettingsError(
+            f"unknown environment variable(s) {', '.join(unknown)}; psq knows {', '.join(sorted(known_environment()))}"
+        )
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per field (``--heartbeat-s`` for ``heartbeat_s``), default None = not given."""
+    for f in dataclasses.fields(cls):
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            default=None,
+            type=_argparse(f),
+            metavar=f.metadata["metavar"],
+            help=f"{f.metadata['help']} (env {env_name(f)}; default {_show(f.default)})",
+        )
+
+
+def load(cls: type, flags: argparse.Namespace | Mapping[str, Any], environ: Mapping[str, str]) -> Any:
+    """Build ``cls`` from parsed flags (already typed), then the environment, then defaults."""
+    given = vars(flags) if isinstance(flags, argparse.Namespace) else dict(flags)
+    values = {}
+    for f in dataclasses.fields(cls):
+        if given.get(f.name) is not None:
+            values[f.name] = given[f.name]
+        elif env_name(f) in environ:
+            try:
+                values[f.name] = f.metadata["parse"](environ[env_name(f)])
+            except SettingsError as exc:
+                raise SettingsError(f"{env_name(f)}: {exc}") from None
+    return cls(**values)
+
+
+def _argparse(f: dataclasses.Field[Any]) -> Callable[[str], Any]:
+    parse = f.metadata["parse"]
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except SettingsError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = f.name  # argparse names the converter in its error messages
+    return convert
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "/".join(map(str, value))
+    return "none" if value is None else str(value)

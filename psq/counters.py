@@ -1,0 +1,41 @@
+"""Message and error counters with per-second rates over a recent window.
+
+A service bumps counters on its hot path (a dict increment) and samples totals on its clock
+tick; rates come from the samples, so reading them costs the hot path nothing.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+
+
+class Counters:
+    def __init__(self, window_s: float = 10.0) -> None:
+        self.messages: Counter[str] = Counter()  # by command
+        self.errors: Counter[str] = Counter()  # by error code
+        self.bytes_in = 0
+        self._window_s = window_s
+        self._samples: deque[tuple[float, int, int]] = deque()
+
+    def sample(self, now: float) -> None:
+        self._samples.append((now, sum(self.messages.values()), sum(self.errors.values())))
+        while len(self._samples) > 2 and now - self._samples[1][0] >= self._window_s:
+            self._samples.popleft()
+
+    def rates(self) -> tuple[float, float]:
+        """(messages per second, errors per second) over the window."""
+        if len(self._samples) < 2:
+            return 0.0, 0.0
+        (t0, m0, e0), (t1, m1, e1) = self._samples[0], self._samples[-1]
+        dt = max(t1 - t0, 1e-9)
+        return (m1 - m0) / dt, (e1 - e0) / dt
+
+    def report(self) -> dict[str, object]:
+        per_s, errors_per_s = self.rates()
+        return {
+            "messages": dict(self.messages),
+            "errors": dict(self.errors),
+            "bytes_in": self.bytes_in,
+            "messages_per_s": round(per_s, 2),
+            "errors_per_s": round(errors_per_s, 2),
+        }

@@ -1,0 +1,160 @@
+"""broker.store: the aggregator's state, updated in place and only by valid pushes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from broker.store import Store
+from broker.sync import SyncSteps
+from psq.layout import Layout, shard_of
+from psq.protocol import ErrorCode, ProtocolError, Push
+from psq.stats import History, Moments, merge
+
+HALF_LIFE = 50.0
+
+
+def push(
+    layout: Layout,
+    seed: int,
+    worker: str = "w0",
+    seq: int = 1,
+    session: int = 1,
+    step: int = 0,
+    count: float = 16.0,
+    dtype: str = "<f8",
+    job: str = "job",
+) -> Push:
+    rng = np.random.default_rng(seed)
+    return Push(
+        job,
+        worker,
+        session,
+        seq,
+        step,
+        layout,
+        np.full(layout.layers, count),
+        rng.normal(size=layout.total).astype(dtype),
+        rng.random(layout.total).astype(dtype),
+        dtype,
+    )
+
+
+def local_histories(pushes: list[Push]) -> dict[str, History]:
+    """Per-layer reference: one History per layer, fed the same updates."""
+    out: dict[str, History] = {}
+    for p in pushes:
+        for name, m in p.layout.split(p.counts, p.means, p.var).items():
+            out.setdefault(name, History(HALF_LIFE)).update(m)
+    return out
+
+
+def assert_reply_matches(reply, layout: Layout, reference: dict[str, History]) -> None:
+    got = layout.split(reply.counts, reply.means, reply.var)
+    for name in layout.names:
+        want = reference[name].moments
+        np.testing.assert_allclose(got[name].count, want.count[0], rtol=1e-12)
+        np.testing.assert_allclose(got[name].mean, want.mean, rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(got[name].var, want.var, rtol=1e-12, atol=1e-15)
+        assert reply.versions[layout.index(name)] == reference[name].version
+
+
+def test_updates_from_several_workers_equal_per_layer_histories():
+    layout = Layout(("a", "b", "c"), (3, 1, 4))
+    store = Store(0, 1, HALF_LIFE)
+    pushes = [push(layout, seed=i, worker=f"w{i % 3}", seq=i // 3 + 1) for i in range(9)]
+    for p in pushes:
+        reply = store.apply(p)
+    assert_reply_matches(reply, layout, local_histories(pushes))
+
+
+def test_layouts_that_interleave_layers_update_through_gathered_copies():
+    """Layout (a, c) is not contiguous once (a, b) was placed first: gather, update, scatter."""
+    ab, ac, bc = Layout(("a", "b"), (2, 3)), Layout(("a", "c"), (2, 4)), Layout(("b", "c"), (3, 4))
+    store = Store(0, 1, HALF_LIFE)
+    pushes = [push(ab, 1, seq=1), push(ac, 2, seq=2), push(bc, 3, seq=3), push(ac, 4, seq=4)]
+    replies = [store.apply(p) for p in pushes]
+    assert not store.jobs["job"].placements[ac.id].contiguous
+    reference = local_histories(pushes)
+    assert_reply_matches(replies[-1], ac, reference)
+    assert_reply_matches(store.apply(push(bc, 3, seq=3)), bc, reference)  # a duplicate: no update
+
+
+def test_a_retried_sequence_number_is_applied_once():
+    layout = Layout(("a",), (4,))
+    store = Store(0, 1, HALF_LIFE)
+    first = store.apply(push(layout, 1, seq=7))
+    counts, versions = first.counts.copy(), first.versions.copy()
+    again = store.apply(push(layout, 1, seq=7))
+    older = store.apply(push(layout, 1, seq=3))
+    assert np.array_equal(again.counts, counts) and np.array_equal(older.versions, versions)
+    assert store.duplicates == 2
+    restarted = store.apply(push(layout, 1, seq=1, session=2))  # a restarted worker: new session
+    assert restarted.versions[0] == versions[0] + 1
+
+
+def snapshot_of(store: Store) -> list[np.ndarray]:
+    return [a.copy() for job in store.jobs.values() for a in (job.count, job.mean, job.var, job.versions)]
+
+
+@pytest.mark.parametrize(
+    ("bad_layout", "code"),
+    [
+        (Layout(("a",), (5,)), ErrorCode.LAYOUT),  # known layer, other width
+    ],
+)
+def test_a_push_that_conflicts_with_stored_layers_changes_nothing(bad_layout, code):
+    store = Store(0, 1, HALF_LIFE)
+    store.apply(push(Layout(("a",), (4,)), 1))
+    before = snapshot_of(store)
+    with pytest.raises(ProtocolError) as info:
+        store.apply(push(bad_layout, 2, seq=2))
+    assert info.value.code is code
+    assert all(np.array_equal(x, y) for x, y in zip(before, snapshot_of(store)))
+    assert bad_layout.id not in store.layouts
+
+
+def test_layers_of_another_shard_are_refused_before_anything_is_stored():
+    names = [f"layer{i}" for i in range(20)]
+    foreign = next(n for n in names if shard_of(n, 2) == 1)
+    store = Store(0, 2, HALF_LIFE)
+    with pytest.raises(ProtocolError) as info:
+        store.apply(push(Layout((foreign,), (3,)), 1))
+    assert info.value.code is ErrorCode.WRONG_SHARD
+    assert store.jobs == {} and store.layouts == {}
+
+
+def test_float32_replies_are_cast_from_the_float64_history():
+    layout = Layout(("a",), (6,))
+    store = Store(0, 1, HALF_LIFE)
+    reply = store.apply(push(layout, 1, dtype="<f4"))
+    assert reply.means.dtype == np.float32
+    np.testing.assert_allclose(reply.means, store.jobs["job"].mean[:6], rtol=1e-6)
+
+
+def test_report_lists_each_layer_with_count_and_version():
+    store = Store(0, 1, HALF_LIFE)
+    store.apply(push(Layout(("a", "b"), (1, 2)), 1, count=4.0))
+    assert store.report()["jobs"] == {"job": [["a", 4.0, 1], ["b", 4.0, 1]]}
+
+
+def test_sync_steps_pool_every_workers_batch_once():
+    layout = Layout(("a",), (3,))
+    steps = SyncSteps(workers=2, timeout_s=10.0)
+    p0, p0_retry, p1 = push(layout, 1, "w0"), push(layout, 1, "w0"), push(layout, 2, "w1", count=5.0)
+    assert steps.add(p0, b"r0", now=0.0)[1] is None
+    assert steps.add(p0_retry, b"r0-new-socket", now=0.1)[1] is None  # replaces, not a second worker
+    _, step = steps.add(p1, b"r1", now=0.2)
+    assert step is not None and sorted(r for r, _ in step.arrivals.values()) == [b"r0-new-socket", b"r1"]
+    pooled = step.pooled()
+    want = merge(Moments(16.0, p0.means, p0.var), Moments(5.0, p1.means, p1.var))
+    np.testing.assert_allclose(pooled.mean, want.mean, rtol=1e-12)
+    np.testing.assert_allclose(pooled.var, want.var, rtol=1e-12)
+    assert np.all(pooled.count == 21.0)
+
+
+def test_sync_steps_expire_after_their_timeout():
+    steps = SyncSteps(workers=2, timeout_s=1.0)
+    steps.add(push(Layout(("a",), (3,)), 1), b"r0", now=0.0)
+    assert steps.expired(now=0.5) == []
+    assert len(steps.expired(now=1.5)) == 1 and not steps.pending
