@@ -81,6 +81,7 @@ class Aggregator:
         path = self.settings.snapshot
         if path is None:
             return
+        path.parent.mkdir(parents=True, exist_ok=True)
         store = snapshot.load(path, self.shard, self.shards, self.settings.half_life)
         if store is not None:
             self.store = store
@@ -212,9 +213,8 @@ class Aggregator:
         self.store.update(job, placement, pooled)
         for push in pushes:
             self.store.remember(push)
-        layout = placement.layout
         versions = self.store.jobs[job].versions[placement.layers].copy()
-        done = Finished(pooled.count[layout.offsets[:-1]], pooled.mean, pooled.var, versions, complete)
+        done = Finished(pooled.counts, pooled.mean, pooled.var, versions, complete)
         self.sync.finish(key, done)
         for route, push in step.arrivals.values():
             self._send_finished(route, push, done)

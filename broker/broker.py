@@ -46,6 +46,7 @@ class Broker:
         self.table = ShardTable(settings.heartbeat_s, settings.liveness)
         self.counters = Counters()
         self._workers: dict[bytes, list[Any]] = {}  # identity -> [job, worker, last_seen]
+        self._envelopes: dict[bytes, tuple[Command, int]] = {}  # a job uses a handful of them
         self._started = time.monotonic()
         self._frontend: zmq.Socket | None = None
         self._backend: zmq.Socket | None = None
@@ -127,7 +128,13 @@ class Broker:
             raise ProtocolError(
                 ErrorCode.OVERSIZED, f"message of {size} bytes exceeds {self.settings.max_message_bytes}"
             )
-        return protocol.parse_envelope(frames[1])
+        raw = frames[1].bytes
+        parsed = self._envelopes.get(raw)
+        if parsed is None:
+            parsed = protocol.parse_envelope(raw)  # raises for a bad one, which is not cached
+            if len(self._envelopes) < 4 * protocol.MAX_SHARDS:
+                self._envelopes[raw] = parsed
+        return parsed
 
     def _answer(self, identity: bytes, command: Command, frames: list[zmq.Frame], now: float) -> None:
         """A request addressed to the broker itself (HELLO, STATUS)."""

@@ -44,7 +44,7 @@ def dumps(store: Store) -> bytes:
         jobs[name] = {
             "names": job.names,
             "channels": job.channels,
-            "counts": job.layer_counts().astype("<f8").tobytes(),
+            "counts": job.counts[: len(job.names)].astype("<f8").tobytes(),
             "means": job.mean[:n].astype("<f8").tobytes(),
             "vars": job.var[:n].astype("<f8").tobytes(),
             "versions": job.versions[: len(job.names)].astype("<u8").tobytes(),
@@ -163,7 +163,7 @@ def _job(name: str, fields: Any) -> JobState:
     for placed in _layouts(fields["layouts"], job, name):
         job.place(placed)
     n = layout.total
-    job.count[:n], job.mean[:n], job.var[:n] = layout.expand(counts), means, var
+    job.counts[: layout.layers], job.mean[:n], job.var[:n] = counts, means, var
     job.versions[: layout.layers] = versions
     return job
 

@@ -1,8 +1,8 @@
 """The aggregator's store: the one object that owns the statistics of a shard.
 
-Per job, every layer's history lives in flat float64 arrays (channels end to end, the count
-repeated per channel), so one push updates all its layers with a handful of numpy calls into
-preallocated buffers.  A layout's layers usually sit contiguously (the first push of a layout
+Per job, every layer's history lives in flat float64 arrays (a count per layer; means and
+variances of all channels end to end), so one push updates all its layers with a handful of
+numpy calls into preallocated buffers.  A layout's layers usually sit contiguously (the first push of a layout
 appends them in its order), and then the update works on views, in place.
 
 Every push is validated before it touches anything (:mod:`psq.protocol` checks the frames;
@@ -19,7 +19,7 @@ import numpy as np
 
 from psq.layout import Layout, shard_of
 from psq.protocol import ErrorCode, HistoryReply, ProtocolError, Push
-from psq.stats import Moments, Scratch, decay_into, merge_into
+from psq.stats import LayerMoments, Scratch, accumulate_into
 
 MAX_JOBS = 1024
 MAX_CHANNELS = 1 << 26  # per aggregator: 64 M channels, 1.5 GiB of float64 state
@@ -32,10 +32,8 @@ class Placement:
 
     layout: Layout
     channels: slice | np.ndarray  # positions of the layout's channels in the job's arrays
-    layers: slice | np.ndarray  # positions of its layers (for versions)
-    first: np.ndarray  # position of each layer's first channel (its count)
+    layers: slice | np.ndarray  # positions of its layers (counts and versions)
     scratch: Scratch
-    expanded: np.ndarray  # the push's per-layer counts repeated per channel
     replies: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     @property
@@ -52,7 +50,7 @@ class JobState:
         self.channels: list[int] = []
         self.starts: list[int] = []
         self.total = 0
-        self.count = np.zeros(0)
+        self.counts = np.zeros(0)  # per layer
         self.mean = np.zeros(0)
         self.var = np.zeros(0)
         self.versions = np.zeros(0, np.uint64)
@@ -85,34 +83,35 @@ class JobState:
         self.channels.append(channels)
         self.starts.append(self.total)
         self.total += channels
-        if self.total > self.count.size:
-            capacity = max(self.total, 2 * self.count.size)
-            self.count, self.mean, self.var = (_grown(a, capacity) for a in (self.count, self.mean, self.var))
+        if self.total > self.mean.size:
+            capacity = max(self.total, 2 * self.mean.size)
+            self.mean, self.var = _grown(self.mean, capacity), _grown(self.var, capacity)
         if len(self.names) > self.versions.size:
-            self.versions = _grown(self.versions, max(16, 2 * self.versions.size))
+            capacity = max(16, 2 * self.versions.size)
+            self.counts, self.versions = _grown(self.counts, capacity), _grown(self.versions, capacity)
 
     def _placement(self, layout: Layout) -> Placement:
         layer_pos = np.array([self.index[n] for n in layout.names], dtype=np.intp)
-        firsts = np.array([self.starts[i] for i in layer_pos], dtype=np.intp)
-        channel_pos = np.concatenate([np.arange(s, s + c) for s, c in zip(firsts, layout.channels)])
-        channels: slice | np.ndarray = channel_pos
-        layers: slice | np.ndarray = layer_pos
-        if np.array_equal(channel_pos, np.arange(channel_pos[0], channel_pos[0] + channel_pos.size)):
-            channels = slice(int(channel_pos[0]), int(channel_pos[-1]) + 1)
-            if np.array_equal(layer_pos, np.arange(layer_pos[0], layer_pos[0] + layer_pos.size)):
-                layers = slice(int(layer_pos[0]), int(layer_pos[-1]) + 1)
-        return Placement(layout, channels, layers, firsts, Scratch(layout.total), np.empty(layout.total))
+        channel_pos = np.concatenate([np.arange(self.starts[i], self.starts[i] + self.channels[i]) for i in layer_pos])
+        return Placement(layout, _as_slice(channel_pos), _as_slice(layer_pos), Scratch(layout.total))
 
-    def history(self, p: Placement) -> Moments:
+    def history(self, p: Placement) -> LayerMoments:
         """The layout's history: views when contiguous, else a gathered copy (see :meth:`put`)."""
-        return Moments(self.count[p.channels], self.mean[p.channels], self.var[p.channels])
+        return LayerMoments(self.counts[p.layers], self.mean[p.channels], self.var[p.channels])
 
-    def put(self, p: Placement, h: Moments) -> None:
+    def put(self, p: Placement, h: LayerMoments) -> None:
+        if not isinstance(p.layers, slice):
+            self.counts[p.layers] = h.counts
         if not p.contiguous:
-            self.count[p.channels], self.mean[p.channels], self.var[p.channels] = h.count, h.mean, h.var
+            self.mean[p.channels], self.var[p.channels] = h.mean, h.var
 
-    def layer_counts(self) -> np.ndarray:
-        return self.count[np.asarray(self.starts, dtype=np.intp)]
+
+def _as_slice(positions: np.ndarray) -> slice | np.ndarray:
+    """A slice when the positions are consecutive, so that indexing gives views."""
+    start = int(positions[0])
+    if np.array_equal(positions, np.arange(start, start + positions.size)):
+        return slice(start, start + positions.size)
+    return positions
 
 
 def _grown(a: np.ndarray, capacity: int) -> np.ndarray:
@@ -175,17 +174,15 @@ class Store:
         if self.is_duplicate(push):
             self.duplicates += 1
         else:
-            batch = Moments(push.layout.expand(push.counts, out=placement.expanded), push.means, push.var)
-            self.update(push.job, placement, batch)
+            self.update(push.job, placement, LayerMoments(push.counts, push.means, push.var))
             self.remember(push)
         return self.reply(push.job, placement, push.seq, push.step, push.reply_dtype)
 
-    def update(self, job_name: str, placement: Placement, batch: Moments) -> None:
-        """``H ← merge(scale(H, 2^(−nB/h)), B)`` over all the placement's channels at once."""
+    def update(self, job_name: str, placement: Placement, batch: LayerMoments) -> None:
+        """``H ← merge(scale(H, 2^(−nB/h)), B)`` for all the placement's layers at once."""
         job = self.jobs[job_name]
         h = job.history(placement)
-        decay_into(h, batch.count, self.half_life, placement.scratch)
-        merge_into(h, batch, placement.scratch)
+        accumulate_into(h, batch, placement.layout.widths, placement.scratch, self.half_life)
         job.put(placement, h)
         job.versions[placement.layers] += np.uint64(1)
         self.updates += 1
@@ -216,7 +213,7 @@ class Store:
             seq,
             step,
             placement.layout.id,
-            job.count[placement.first],
+            job.counts[placement.layers],
             means,
             var,
             job.versions[placement.layers],
@@ -228,8 +225,7 @@ class Store:
     def report(self) -> dict[str, object]:
         jobs = {}
         for name, job in self.jobs.items():
-            counts = job.layer_counts()
-            jobs[name] = [[n, float(counts[i]), int(job.versions[i])] for i, n in enumerate(job.names)]
+            jobs[name] = [[n, float(job.counts[i]), int(job.versions[i])] for i, n in enumerate(job.names)]
         return {
             "shard": self.shard,
             "shards": self.shards,

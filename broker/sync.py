@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from psq.protocol import Push
-from psq.stats import Moments, Scratch, merge_into
+from psq.stats import LayerMoments, Scratch, accumulate_into
 
 StepKey = tuple[str, bytes, int]  # (job, layout id, step)
 MAX_PENDING = 4096
@@ -28,13 +28,13 @@ class Step:
         default_factory=dict
     )  # (worker, session) -> (route, push)
 
-    def pooled(self) -> Moments:
+    def pooled(self) -> LayerMoments:
         """Exact moments of the union of every arrival's batch."""
         layout = next(iter(self.arrivals.values()))[1].layout
-        acc = Moments.zeros(layout.total)
+        acc = LayerMoments(np.zeros(layout.layers), np.zeros(layout.total), np.zeros(layout.total))
         scratch = Scratch(layout.total)
         for _, push in self.arrivals.values():
-            merge_into(acc, Moments(layout.expand(push.counts), push.means, push.var), scratch)
+            accumulate_into(acc, LayerMoments(push.counts, push.means, push.var), layout.widths, scratch)
         return acc
 
 

@@ -40,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     codec.add_argument("--rounds", type=_positive_int, default=30, help="timed rounds (default 30)")
     codec.add_argument("--per-round", type=_positive_int, default=200, help="messages per round (default 200)")
     codec.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    transport = benches.add_parser("transport", help="round trips and pushes/s through broker and aggregators")
+    transport.add_argument("--round-trips", type=_positive_int, default=300, help="timed round trips (default 300)")
+    transport.add_argument("--seconds", type=float, default=3.0, help="seconds per rate measurement (default 3)")
+    transport.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return parser
 
 
@@ -70,6 +74,11 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         from psq.bench import codec
 
         codec.run(args.rounds, args.per_round, args.json)
+        return 0
+    if args.command == "bench" and args.bench == "transport":
+        from psq.bench import transport
+
+        transport.run(args.round_trips, args.seconds, args.json)
         return 0
     parser.print_help(sys.stderr)
     return 2

@@ -40,7 +40,7 @@ from psq import protocol
 from psq.layout import Layout, LayoutError, shard_of
 from psq.protocol import BROKER_KEY, Command, ErrorCode, HistoryReply, ProtocolError
 from psq.sockets import tune
-from psq.stats import Moments, Scratch, merge_into
+from psq.stats import LayerMoments, Moments, Scratch, accumulate_into
 
 log = logging.getLogger("psq.client")
 
@@ -116,13 +116,25 @@ class _Request:
 
 @dataclass(eq=False)
 class _Pending:
-    """Updates for one shard and layout, merged while a request is in flight."""
+    """Updates for one shard and layout, merged while a request is in flight.
+
+    Kept in the wire dtype as the caller gave them; turned into float64 only when a second
+    update has to be merged in, so the common case costs one copy.
+    """
 
     layout: Layout
-    moments: Moments  # float64, count per channel
+    stats: LayerMoments
     step: int
     dtype: str
     waiters: list[asyncio.Future[Any]] = field(default_factory=list)
+    merged: bool = False
+
+    def merge(self, other: LayerMoments, scratch: Scratch) -> None:
+        if not self.merged:
+            s = self.stats
+            self.stats = LayerMoments(s.counts.copy(), s.mean.astype(np.float64), s.var.astype(np.float64))
+            self.merged = True
+        accumulate_into(self.stats, other, self.layout.widths, scratch)
 
 
 @dataclass(eq=False)
@@ -214,7 +226,8 @@ class StatsClient:
 
     def _plan(self, stats: Mapping[str, Moments], shards: int) -> list[tuple[int, Layout]]:
         """Which layers go to which shard, as one layout per shard (cached per model shape)."""
-        key = (shards, *((n, np.size(m.mean)) for n, m in stats.items()))
+        # Keyed by names alone (cheap on every push); flatten checks the channel total.
+        key = (shards, tuple(stats))
         plan = self._plans.get(key)
         if plan is None:
             layout = Layout.of(stats)
@@ -229,18 +242,16 @@ class StatsClient:
         self, shard: int, layout: Layout, step: int, stats: Mapping[str, Moments], dtype: str
     ) -> asyncio.Future[Any]:
         try:
-            counts, means, var = layout.flatten(stats)
+            flat = LayerMoments(*layout.flatten(stats, np.dtype(dtype).type))
         except LayoutError as exc:
             raise Rejected(ErrorCode.LAYOUT, str(exc)) from None
         channel = self._channels.setdefault(shard, _Channel())
         future: asyncio.Future[Any] = self._running_loop().create_future()
         pending = channel.pending.get(layout.id)
         if pending is None:
-            moments = Moments(layout.expand(counts), means, var)
-            channel.pending[layout.id] = _Pending(layout, moments, step, dtype, [future])
+            channel.pending[layout.id] = _Pending(layout, flat, step, dtype, [future])
         else:  # a request is in flight: merge exactly into what waits for it
-            scratch = self._scratch.setdefault(layout.id, Scratch(layout.total))
-            merge_into(pending.moments, Moments(layout.expand(counts), means, var), scratch)
+            pending.merge(flat, self._scratch.setdefault(layout.id, Scratch(layout.total)))
             pending.step = max(pending.step, step)
             pending.waiters.append(future)
             self.stats["coalesced"] += 1
@@ -253,7 +264,7 @@ class StatsClient:
             return
         _, pending = channel.pending.popitem(last=False)
         self._seq += 1
-        layout, m = pending.layout, pending.moments
+        layout, m = pending.layout, pending.stats
         push = protocol.Push(
             self.job,
             self.worker,
@@ -261,7 +272,7 @@ class StatsClient:
             self._seq,
             pending.step,
             layout,
-            m.count[layout.offsets[:-1]],
+            m.counts,
             m.mean.astype(pending.dtype, copy=False),
             m.var.astype(pending.dtype, copy=False),
             pending.dtype,
@@ -341,7 +352,7 @@ class StatsClient:
     def _transmit(self, request: _Request) -> None:
         assert self._sock is not None
         try:
-            self._sock.send_multipart(request.frames, zmq.NOBLOCK)
+            self._sock.send_multipart(request.frames, zmq.NOBLOCK, copy=False)
             self.stats["messages"] += 1
         except zmq.Again:
             pass  # queue full or no peer yet: the deadline retries it

@@ -70,8 +70,9 @@ class Layout:
         return np.concatenate(([0], np.cumsum(self.channels, dtype=np.int64)))
 
     @cached_property
-    def layer_of_channel(self) -> np.ndarray:
-        return np.repeat(np.arange(self.layers, dtype=np.intp), self.channels)
+    def widths(self) -> np.ndarray:
+        """Channel counts as an array, to expand per-layer values with ``np.repeat``."""
+        return np.array(self.channels, dtype=np.intp)
 
     def index(self, name: str) -> int:
         return self._index[name]
@@ -80,9 +81,9 @@ class Layout:
         i = self._index[name]
         return slice(int(self.offsets[i]), int(self.offsets[i + 1]))
 
-    def expand(self, per_layer: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    def expand(self, per_layer: np.ndarray) -> np.ndarray:
         """Repeat one value per layer over that layer's channels."""
-        return np.take(per_layer, self.layer_of_channel, out=out)
+        return np.repeat(per_layer, self.widths)
 
     def flatten(
         self, stats: Mapping[str, Moments], dtype: type = np.float64
@@ -93,9 +94,9 @@ class Layout:
             parts = [stats[n] for n in self.names]
         except KeyError as exc:
             raise LayoutError(f"statistics lack layer {exc.args[0]!r} of the layout") from None
-        counts = np.array([float(np.max(m.count)) for m in parts])
-        means = np.concatenate([np.ravel(m.mean) for m in parts]).astype(dtype, copy=False)
-        var = np.concatenate([np.ravel(m.var) for m in parts]).astype(dtype, copy=False)
+        counts = np.array([_count(m) for m in parts])
+        means = np.concatenate([m.mean for m in parts], axis=None, dtype=dtype)
+        var = np.concatenate([m.var for m in parts], axis=None, dtype=dtype)
         if means.size != self.total or var.size != self.total:
             raise LayoutError(f"statistics have {means.size} channels, the layout {self.total}")
         return counts, means, var
@@ -112,6 +113,11 @@ class Layout:
         keep = set(names)
         pairs = [(n, c) for n, c in zip(self.names, self.channels) if n in keep]
         return Layout(tuple(n for n, _ in pairs), tuple(c for _, c in pairs))
+
+
+def _count(m: Moments) -> float:
+    c = m.count
+    return float(c) if isinstance(c, (int, float)) else float(np.max(c))  # np.max is slow on scalars
 
 
 def shard_of(name: str, shards: int) -> int:

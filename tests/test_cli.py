@@ -36,3 +36,14 @@ def test_bench_codec_prints_its_table_with_the_reference_rows():
 def test_bad_flag_value_gets_a_clear_error():
     out = run_psq("bench", "codec", "--rounds", "zero")
     assert out.returncode == 2 and "expected a positive integer, got 'zero'" in out.stderr
+
+
+def test_bench_transport_prints_psq_beside_its_floor():
+    out = run_psq("bench", "transport", "--round-trips", "5", "--seconds", "0.2", "--json", timeout_s=240)
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)["rows"]
+    paths = [(row[0].split()[0], row[1]) for row in rows]
+    assert paths == [
+        (m, p) for m in ("resnet50", "small") for p in ("floor: zmq.proxy + echo", "psq, 1 shard", "psq, 2 shards")
+    ]
+    assert all(row[2] > 0 and row[5] > 0 for row in rows)

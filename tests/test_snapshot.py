@@ -34,7 +34,7 @@ def test_a_snapshot_round_trips_the_whole_store(tmp_path):
         other = back.jobs[name]
         n = job.total
         assert other.names == job.names and other.channels == job.channels
-        for a, b in ((job.count[:n], other.count[:n]), (job.mean[:n], other.mean[:n]), (job.var[:n], other.var[:n])):
+        for a, b in ((job.counts, other.counts), (job.mean[:n], other.mean[:n]), (job.var[:n], other.var[:n])):
             assert np.array_equal(a, b)
         assert np.array_equal(job.versions[: len(job.names)], other.versions[: len(other.names)])
     assert back.applied == store.applied

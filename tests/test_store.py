@@ -94,7 +94,7 @@ def test_a_retried_sequence_number_is_applied_once():
 
 
 def snapshot_of(store: Store) -> list[np.ndarray]:
-    return [a.copy() for job in store.jobs.values() for a in (job.count, job.mean, job.var, job.versions)]
+    return [a.copy() for job in store.jobs.values() for a in (job.counts, job.mean, job.var, job.versions)]
 
 
 @pytest.mark.parametrize(
@@ -150,7 +150,7 @@ def test_sync_steps_pool_every_workers_batch_once():
     want = merge(Moments(16.0, p0.means, p0.var), Moments(5.0, p1.means, p1.var))
     np.testing.assert_allclose(pooled.mean, want.mean, rtol=1e-12)
     np.testing.assert_allclose(pooled.var, want.var, rtol=1e-12)
-    assert np.all(pooled.count == 21.0)
+    assert np.all(pooled.counts == 21.0)
 
 
 def test_sync_steps_expire_after_their_timeout():

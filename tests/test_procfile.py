@@ -1,0 +1,62 @@
+"""The Procfile under honcho, and the README's client example against it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import live_shards, wait_until
+from test_cli import run_psq
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def readme_example(marker: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    match = re.search(rf"<!-- example: {marker} -->\s*```python\n(.*?)```", text, re.S)
+    assert match, f"README has no example marked {marker!r}"
+    return match[1]
+
+
+def test_honcho_runs_broker_and_aggregator_and_the_readme_client_talks_to_them(endpoints, tmp_path):
+    env = {
+        **os.environ,
+        "PSQ_FRONTEND": endpoints.frontend,
+        "PSQ_BACKEND": endpoints.backend,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "Procfile").write_text((ROOT / "Procfile").read_text())
+    honcho = subprocess.Popen(
+        [sys.executable, "-m", "honcho", "start", "broker", "aggregator"],
+        cwd=run,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        wait_until(lambda: live_shards(endpoints.frontend) == {0}, what="honcho's aggregator to register")
+        script = tmp_path / "example.py"
+        script.write_text(readme_example("client"))
+        out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        # ten batches of 32 under the default half-life of 1e6 samples
+        count = sum(32 * 2 ** (-32 * k / 1e6) for k in range(10))
+        assert f"bn1: {count:.2f} samples, version 10" in out.stdout
+        status = run_psq("status", "--json", "--frontend", endpoints.frontend)
+        layers = json.loads(status.stdout)["shard_reports"]["0"]["jobs"]["demo"]
+        assert [(name, version) for name, _, version in layers] == [("bn1", 10), ("bn2", 10)]
+    finally:
+        honcho.send_signal(signal.SIGTERM)
+        output = honcho.communicate(timeout=10)[0].decode()
+    # honcho answers its own SIGTERM with 128 + 15; what matters is that each process exited cleanly
+    assert honcho.returncode == 143, output
+    assert "broker.1 stopped (rc=0)" in output and "aggregator.1 stopped (rc=0)" in output, output
+    assert (run / "runs" / "aggregator-0.snap").exists()  # written on SIGTERM
