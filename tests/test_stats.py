@@ -220,3 +220,35 @@ def test_flat_multi_layer_history_updates_every_layer_in_one_call():
         np.testing.assert_allclose(got[name].count, float(h.moments.count[0]), rtol=1e-12)
         np.testing.assert_allclose(got[name].mean, h.moments.mean, rtol=1e-12)
         np.testing.assert_allclose(got[name].var, h.moments.var, rtol=1e-12)
+
+
+@given(st.lists(st.integers(1, 5), min_size=1, max_size=4), st.integers(1, 6), st.floats(1.0, 100.0))
+def test_accumulate_into_updates_many_layers_like_one_history_each(widths, steps, half_life):
+    """The aggregator's kernel: counts per layer, all channels mixed at once."""
+    from psq.layout import Layout
+    from psq.stats import LayerMoments, accumulate_into
+
+    layout = Layout(tuple(f"l{i}" for i in range(len(widths))), tuple(widths))
+    rng = np.random.default_rng(len(widths) * 100 + steps)
+    acc = LayerMoments(np.zeros(layout.layers), np.zeros(layout.total), np.zeros(layout.total))
+    pooled = LayerMoments(np.zeros(layout.layers), np.zeros(layout.total), np.zeros(layout.total))
+    separate = {name: History(half_life) for name in layout.names}
+    data: dict[str, list[np.ndarray]] = {name: [] for name in layout.names}
+    for _ in range(steps):
+        raw = {n: rng.normal(size=(int(rng.integers(1, 9)), c)) for n, c in zip(layout.names, layout.channels)}
+        stats = {n: Moments.of(raw[n], 0) for n, c in zip(layout.names, layout.channels)}
+        batch = LayerMoments(*layout.flatten(stats, np.float32))
+        accumulate_into(acc, batch, layout.widths, Scratch(layout.total), half_life)
+        accumulate_into(pooled, batch, layout.widths, Scratch(layout.total))  # no half-life: plain pooling
+        for name, m in layout.split(*layout.flatten(stats, np.float32)).items():
+            separate[name].update(Moments(m.count, m.mean.astype(np.float64), m.var.astype(np.float64)))
+            data[name].append(raw[name])
+    for name, h in separate.items():
+        sl = layout.slice(name)
+        np.testing.assert_allclose(acc.counts[layout.index(name)], h.moments.count[0], rtol=1e-12)
+        np.testing.assert_allclose(acc.mean[sl], h.moments.mean, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(acc.var[sl], h.moments.var, rtol=1e-9, atol=1e-12)
+        whole = Moments.of(np.concatenate(data[name]), 0)  # the statistics travelled as float32
+        assert pooled.counts[layout.index(name)] == whole.count
+        np.testing.assert_allclose(pooled.mean[sl], whole.mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(pooled.var[sl], whole.var, rtol=1e-5, atol=1e-6)
