@@ -4,9 +4,10 @@
 """
 
 from psq.layout import Layout
+from psq.loop import WorkerLoop
 from psq.protocol import ProtocolError
 from psq.stats import History, Moments, blend, merge
 
 __version__ = "0.1.0"
 
-__all__ = ["History", "Layout", "Moments", "ProtocolError", "__version__", "blend", "merge"]
+__all__ = ["History", "Layout", "Moments", "ProtocolError", "WorkerLoop", "__version__", "blend", "merge"]

@@ -44,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     transport.add_argument("--round-trips", type=_positive_int, default=300, help="timed round trips (default 300)")
     transport.add_argument("--seconds", type=float, default=3.0, help="seconds per rate measurement (default 3)")
     transport.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    step = benches.add_parser("step", help="per-step time: plain BN, synchronized BN, psq (2 DDP workers)")
+    step.add_argument("--steps", type=_positive_int, default=20, help="steps per method per round (default 20)")
+    step.add_argument("--rounds", type=_positive_int, default=5, help="timed rounds (default 5)")
+    step.add_argument("--batch", type=_positive_int, default=8, help="per-worker batch (default 8)")
+    step.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return parser
 
 
@@ -79,6 +84,11 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         from psq.bench import transport
 
         transport.run(args.round_trips, args.seconds, args.json)
+        return 0
+    if args.command == "bench" and args.bench == "step":
+        from workers import step_bench
+
+        step_bench.run(args.steps, args.rounds, args.batch, args.json)
         return 0
     parser.print_help(sys.stderr)
     return 2

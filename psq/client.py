@@ -190,8 +190,7 @@ class StatsClient:
                 handle.cancel()
         for channel in self._channels.values():
             for waiter in _waiters(channel):
-                if not waiter.done():
-                    waiter.set_exception(Unavailable({"client": "closed"}))
+                waiter.cancel()  # a push still waiting reports Unavailable("closed")
         self._channels.clear()
         self._disconnect()
 
@@ -291,6 +290,8 @@ class StatsClient:
             if not future.done():
                 future.cancel()
                 reasons[shard] = "no answer in time"
+            elif future.cancelled():
+                reasons[shard] = "the client was closed"
             elif isinstance(future.exception(), Unavailable):
                 reasons[shard] = str(future.exception())
             elif future.exception() is not None:

@@ -242,6 +242,22 @@ def blend(history: Moments, batch: Moments, weight: float) -> Moments:
     return Moments(n_used + np.asarray(batch.count, np.float64), mean, var)
 
 
+def remove(whole: Moments, part: Moments) -> Moments:
+    """The moments of ``whole`` without ``part`` (which it contains): the inverse of :func:`merge`.
+
+    With ``r = nP/nW``: ``mR = (mW − r·mP)/(1 − r)`` and
+    ``vR = (vW − r·vP − r(1−r)(mP − mR)²)/(1 − r)``, clipped at 0 against rounding.  Nothing
+    remains (count 0, the part's moments) when the part is the whole.
+    """
+    n_rest = np.maximum(np.asarray(whole.count, np.float64) - part.count, 0.0)
+    r = np.divide(part.count, np.maximum(np.asarray(whole.count, np.float64), _TINY))
+    keep = np.maximum(1.0 - r, _TINY)
+    mean = np.where(n_rest > 0, (whole.mean - r * part.mean) / keep, part.mean)
+    d = part.mean - mean
+    var = np.where(n_rest > 0, (whole.var - r * part.var - r * (1.0 - r) * d * d) / keep, part.var)
+    return Moments(n_rest, mean, np.maximum(var, 0.0))
+
+
 def unbiased_var(moments: Moments) -> Any:
     """The variance in torch's running-buffer convention: ``var·n/(n−1)``, biased when n ≤ 1."""
     n = np.asarray(moments.count, np.float64)

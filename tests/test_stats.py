@@ -252,3 +252,23 @@ def test_accumulate_into_updates_many_layers_like_one_history_each(widths, steps
         assert pooled.counts[layout.index(name)] == whole.count
         np.testing.assert_allclose(pooled.mean[sl], whole.mean, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(pooled.var[sl], whole.var, rtol=1e-5, atol=1e-6)
+
+
+@given(st.integers(1, 5).flatmap(lambda c: st.tuples(batches(c), batches(c))))
+def test_remove_undoes_merge(pair):
+    from psq.stats import remove
+
+    a, b = (Moments.of(x, 0) for x in pair)
+    rest = remove(merge(a, b), b)
+    scale = float(max(np.max(np.abs(x)) for x in pair)) + 1.0
+    assert np.all(rest.count == a.count)
+    close(rest.mean, a.mean, scale, 1e-7)
+    close(rest.var, a.var, scale**2, 1e-7)
+
+
+def test_removing_everything_leaves_nothing():
+    from psq.stats import remove
+
+    a = Moments.of(np.arange(6.0).reshape(3, 2), 0)
+    rest = remove(a, a)
+    assert np.all(rest.count == 0)

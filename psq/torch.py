@@ -1,0 +1,404 @@
+"""``PSBatchNorm``: batch norm that normalizes with a blend of the cluster's history and the batch.
+
+Imported only by those who use torch (``import psq`` does not import it).
+
+In training, a layer computes its batch moments, hands them to the :class:`~psq.loop.WorkerLoop`
+without waiting, and normalizes with :func:`psq.stats.mix` of the batch moments and the latest
+history the loop received for this layer, the history weighing at most ``history_weight``
+(:func:`psq.stats.blend_weight`).  The history is a constant for autograd: gradients flow
+through the batch part only, as in Batch Renormalization.  With no history yet, or
+``history_weight=0``, the layer is exactly ``nn.BatchNorm``.
+
+In evaluation, it normalizes with ``running_mean`` / ``running_var``, which hold the cluster's
+history (variance in torch's unbiased convention), not a per-worker average: a checkpoint
+loads into a plain ``nn.BatchNorm*d``.
+
+``convert_batchnorm`` / ``revert_batchnorm`` swap a model's batch-norm layers in and out, like
+``nn.SyncBatchNorm.convert_sync_batchnorm``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from psq.loop import LayerHistory, Submission, WorkerLoop
+from psq.stats import Moments, blend_weight, remove, unbiased_var
+
+_FLOAT_STATS = (torch.float32, torch.float64)
+_BY_DIMS = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+
+
+class PSBatchNorm(_BatchNorm):
+    """Batch norm over ``(N, C, ...)`` inputs (2-D to 5-D) sharing statistics through psq.
+
+    The arguments of ``nn.BatchNorm*d`` (``num_features, eps, momentum, affine,
+    track_running_stats``), and psq's:
+
+    * ``history_weight`` in [0, 1): the largest share of the cluster's history in the
+      statistics a training step normalizes with (0: plain batch norm);
+    * ``max_staleness``: if set, a step whose history is older than that many steps waits
+      (up to the loop's ``staleness_timeout_s``) for fresher history, then goes on;
+    * ``name``: the layer's name on the wire (``convert_batchnorm`` uses the module path);
+    * ``loop``: the :class:`~psq.loop.WorkerLoop`; without one the layer is plain batch norm.
+
+    ``momentum`` only matters before the first history arrives (and in sync mode): then the
+    running buffers are updated from the batch as ``nn.BatchNorm`` does.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        history_weight: float = 0.5,
+        max_staleness: int | None = None,
+        name: str | None = None,
+        loop: WorkerLoop | None = None,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        if not 0.0 <= history_weight < 1.0:
+            raise ValueError(f"history_weight must be in [0, 1), got {history_weight!r}")
+        if max_staleness is not None and (not isinstance(max_staleness, int) or max_staleness < 0):
+            raise ValueError(f"max_staleness must be None or a non-negative integer, got {max_staleness!r}")
+        self.history_weight = history_weight
+        self.max_staleness = max_staleness
+        self.name = name or f"bn{id(self):x}"
+        self.loop = loop
+        self.origin: type[nn.Module] | None = None  # the class convert_batchnorm replaced
+        self._input_dims: int | None = None
+        self._history: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (version, mean, biased var)
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected an (N, C, ...) input of 2 to 5 dimensions, got {input.dim()}-D")
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, history_weight={self.history_weight}, name={self.name!r}"
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy of the model (deepcopy, pickle) carries no threads or sockets.
+        state = super().__getstate__()
+        return {**state, "loop": None, "_history": None}
+
+    def train(self, mode: bool = True) -> PSBatchNorm:
+        if not mode:  # evaluation uses the freshest cluster statistics, whatever DDP broadcast
+            self._fill_buffers()
+        return super().train(mode)
+
+    # -- forward ------------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        self._input_dims = x.dim()
+        if not self.training:
+            tracked = self.track_running_stats
+            return F.batch_norm(
+                x,
+                self.running_mean if tracked else None,
+                self.running_var if tracked else None,
+                self.weight,
+                self.bias,
+                not tracked,
+                0.0,
+                self.eps,
+            )
+        if self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+        if self.loop is None:
+            momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+            return F.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, True, momentum, self.eps
+            )
+        count = float(x.numel() // x.size(1))
+        if self.loop.mode == "sync":
+            return self._sync_forward(x, count)
+        history = self._fresh_history(x.device)
+        if history is None:
+            return self._blend(x, 0.0, None, None, count, no_history=True)
+        return self._blend(
+            x, float(blend_weight(history[0], count, self.history_weight)), history[1], history[2], count
+        )
+
+    def _blend(
+        self,
+        x: torch.Tensor,
+        share: float,
+        mean_h: torch.Tensor | None,
+        var_h: torch.Tensor | None,
+        count: float,
+        no_history: bool = False,
+    ) -> torch.Tensor:
+        """Normalize with ``mix(share, history, batch)`` and hand the batch moments to the loop."""
+        assert self.loop is not None
+        y, mean_b, var_b = _BlendedNorm.apply(x, self.weight, self.bias, share, mean_h, var_h, self.eps)
+        if self.loop.mode == "async":
+            self.loop.submit(self.name, _submission(count, mean_b, var_b))
+        if no_history:  # no cluster statistics: keep running ones as nn.BatchNorm does
+            self._momentum_update(mean_b, var_b, count)
+        return y
+
+    def _fresh_history(self, device: torch.device) -> tuple[float, torch.Tensor, torch.Tensor] | None:
+        loop = self.loop
+        assert loop is not None
+        h = loop.history(self.name)
+        step = loop.current_step
+        if self.max_staleness is not None and (h is None or step - h.step > self.max_staleness):
+            loop.wait_fresh(self.name, step - self.max_staleness)
+            h = loop.history(self.name)
+        if h is None:
+            return None
+        self._load(h, device)
+        loop.note_staleness(step - h.step)
+        assert self._history is not None
+        return float(h.moments.count), self._history[1], self._history[2]
+
+    def _load(self, h: LayerHistory, device: torch.device) -> None:
+        """Move a new history to the device (once per version) for blending."""
+        if self._history is not None and self._history[0] == h.version and self._history[1].device == device:
+            return
+        dtype = self.running_mean.dtype if self.running_mean is not None else torch.float32
+        mean = torch.tensor(np.asarray(h.moments.mean), dtype=dtype).to(device, non_blocking=True)
+        var = torch.tensor(np.asarray(h.moments.var), dtype=dtype).to(device, non_blocking=True)
+        self._history = (h.version, mean, var)
+
+    def _fill_buffers(self) -> None:
+        """Write the latest cluster history into the running buffers (variance unbiased).
+
+        Done when they are read, not every step: on ``eval()`` and when saving a state dict.  In
+        sync mode the buffers are running averages of the pooled steps, as SyncBatchNorm keeps.
+        """
+        if self.loop is None or self.loop.mode == "sync":
+            return
+        h = self.loop.history(self.name)
+        if h is None or not self.track_running_stats or self.running_mean is None:
+            return
+        dtype = self.running_mean.dtype
+        with torch.no_grad():
+            self.running_mean.copy_(torch.tensor(np.asarray(h.moments.mean), dtype=dtype))
+            self.running_var.copy_(torch.tensor(np.asarray(unbiased_var(h.moments)), dtype=dtype))
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        self._fill_buffers()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _sync_forward(self, x: torch.Tensor, count: float) -> torch.Tensor:
+        """Normalize with the step's pooled statistics: every worker's batch, SyncBatchNorm's forward.
+
+        The others' moments (the pooled set without this batch) are a constant; gradients flow
+        through this worker's batch with its share of the pooled count.
+        """
+        assert self.loop is not None
+        with torch.no_grad():
+            mean_b, var_b = batch_moments(x)
+        answer = self.loop.exchange(self.name, _submission(count, mean_b, var_b))
+        own = Moments(count, mean_b.cpu().double().numpy(), var_b.cpu().double().numpy())
+        if answer is None or float(answer[0].count) <= count:
+            return self._blend(x, 0.0, None, None, count, no_history=True)
+        pooled = Moments(
+            float(answer[0].count), np.asarray(answer[0].mean, np.float64), np.asarray(answer[0].var, np.float64)
+        )
+        others = remove(pooled, own)
+        share = float(others.count) / float(pooled.count)
+        to = dict(dtype=mean_b.dtype, device=mean_b.device)
+        y = self._blend(x, share, torch.tensor(others.mean, **to), torch.tensor(others.var, **to), count)
+        self._momentum_update(torch.tensor(pooled.mean, **to), torch.tensor(pooled.var, **to), float(pooled.count))
+        return y
+
+    def _momentum_update(self, mean: torch.Tensor, var: torch.Tensor, count: float) -> None:
+        """nn.BatchNorm's running-average update, for when no cluster history is available."""
+        if not self.track_running_stats or self.running_mean is None:
+            return
+        m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        unbiased = var * (count / (count - 1.0)) if count > 1 else var
+        with torch.no_grad():
+            self.running_mean.mul_(1 - m).add_(mean.to(self.running_mean.dtype), alpha=m)
+            self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
+
+
+def batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance of an ``(N, C, ...)`` tensor, in float32 or float64.
+
+    Two passes (the mean, then the squares of the centred values): as stable as
+    ``torch.var_mean`` and several times faster on CPU, where reducing over all dimensions but
+    the second is slow.
+    """
+    x = x if x.dtype in _FLOAT_STATS else x.float()
+    dims = [0, *range(2, x.dim())]
+    n = x.numel() // x.size(1)
+    mean = x.sum(dims) / n
+    centred = x - mean.view(_channel_shape(x))
+    return mean, (centred * centred).sum(dims) / n
+
+
+def _channel_shape(x: torch.Tensor) -> list[int]:
+    return [1, -1] + [1] * (x.dim() - 2)
+
+
+class _BlendedNorm(torch.autograd.Function):
+    """Batch norm with the statistics ``mix(share, history, batch)``; the history is a constant.
+
+    Forward, with ``d = x − mB`` and ``δ = mB − mH``: the blended mean is ``μ = mB − share·δ``,
+    the variance ``lerp(vB, vH, share) + share(1−share)·δ²``, and ``y = k·d + share·δ·k + β``
+    with ``k = γ·r``, ``r = (σ² + eps)^−½``: one pass for the mean, one for the variance, one for
+    the output.  Backward, per channel, with ``S = Σg·(x − μ)``, ``t = r²·S`` and
+    ``u = (1 − share)·k/n``: ``dL/dx = k·g − u·t·d − u·(Σg + share·δ·t)`` — with ``share = 0``
+    exactly batch norm's gradient.  Also returns the batch's mean and biased variance (not
+    differentiable).  Few, fused operations: on small layers the cost per operation dominates.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        share: float,
+        mean_h: torch.Tensor | None,
+        var_h: torch.Tensor | None,
+        eps: float,
+    ) -> tuple[torch.Tensor, ...]:
+        low = x.dtype not in _FLOAT_STATS
+        with torch.autocast(x.device.type, enabled=False) if low else contextlib.nullcontext():
+            xs = x.float() if low else x
+            shape, dims = _channel_shape(xs), [0, *range(2, xs.dim())]
+            mean_b = xs.mean(dims)
+            d = xs - mean_b.view(shape)
+            var_b = (d * d).mean(dims)
+            if share:
+                delta = mean_b - mean_h
+                var = torch.lerp(var_b, var_h, share).addcmul_(delta, delta, value=share * (1 - share))
+            else:
+                delta, var = None, var_b
+            r = (var + eps).rsqrt_()
+            k = r * weight if weight is not None else r
+            shift = bias if bias is not None else torch.zeros_like(k)
+            if share:
+                shift = torch.addcmul(shift, delta, k, value=share)
+            y = torch.addcmul(shift.view(shape), d, k.view(shape))
+        ctx.save_for_backward(d, r, k, delta)
+        ctx.share, ctx.n, ctx.x_dtype = share, d.numel() // d.size(1), x.dtype
+        ctx.param_dtype = weight.dtype if weight is not None else x.dtype
+        ctx.mark_non_differentiable(mean_b, var_b)
+        return (y.to(x.dtype) if low else y), mean_b, var_b
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
+        d, r, k, delta = ctx.saved_tensors
+        share = ctx.share
+        shape, dims = _channel_shape(d), [0, *range(2, d.dim())]
+        g = g.to(d.dtype)
+        sum_g = g.sum(dims)
+        s = (g * d).sum(dims)
+        if share:
+            s.addcmul_(delta, sum_g, value=share)  # S = Σg·(x − μ)
+        t = r * r * s
+        u = k * ((1 - share) / ctx.n)
+        const = torch.addcmul(sum_g, delta, t, value=share) if share else sum_g
+        grad_x = torch.addcmul((-u * const).view(shape), g, k.view(shape)).addcmul_(d, (u * t).view(shape), value=-1)
+        grad_w = (r * s).to(ctx.param_dtype) if ctx.needs_input_grad[1] else None
+        grad_b = sum_g.to(ctx.param_dtype) if ctx.needs_input_grad[2] else None
+        return grad_x.to(ctx.x_dtype), grad_w, grad_b, None, None, None, None
+
+
+def _submission(count: float, mean: torch.Tensor, var: torch.Tensor) -> Submission:
+    """The batch moments for the loop, without waiting for the device."""
+    mean, var = mean.detach(), var.detach()
+    if mean.device.type == "cpu":
+        # the statistics are fresh tensors that nothing writes again: share their memory.
+        return Submission(count, mean.numpy(), var.numpy())
+    host = torch.empty((2, mean.numel()), dtype=mean.dtype, pin_memory=True)
+    host[0].copy_(mean, non_blocking=True)
+    host[1].copy_(var, non_blocking=True)
+    landed = torch.cuda.Event()
+    landed.record()
+    return Submission(count, host[0].numpy(), host[1].numpy(), landed.query)
+
+
+# -- conversion ---------------------------------------------------------------------------------------
+
+
+def convert_batchnorm(module: nn.Module, loop: WorkerLoop | None, **options: Any) -> nn.Module:
+    """Replace every ``nn.BatchNorm1d/2d/3d`` and ``nn.SyncBatchNorm`` in ``module`` (recursively,
+    the root included) with a :class:`PSBatchNorm` named by its module path, copying weight,
+    bias, buffers, ``requires_grad`` and training mode.  ``options`` go to PSBatchNorm
+    (``history_weight``, ``max_staleness``).  Returns the converted module."""
+    return _convert(module, loop, "", options)
+
+
+def _convert(module: nn.Module, loop: WorkerLoop | None, path: str, options: dict[str, Any]) -> nn.Module:
+    out = module
+    if isinstance(module, _BatchNorm) and not isinstance(module, PSBatchNorm):
+        out = PSBatchNorm(
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
+            name=path or "root",
+            loop=loop,
+            **options,
+            **_placement(module),
+        )
+        out.origin = type(module)
+        _copy_state(module, out)
+    for name, child in module.named_children():
+        out.add_module(name, _convert(child, loop, f"{path}.{name}" if path else name, options))
+    return out
+
+
+def revert_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every :class:`PSBatchNorm` with the plain ``nn.BatchNorm*d`` for the inputs it saw
+    (else the class it was converted from, else ``BatchNorm2d``), keeping its state."""
+    out = module
+    if isinstance(module, PSBatchNorm):
+        cls = _BY_DIMS.get(module._input_dims or 0)
+        if cls is None:
+            cls = module.origin if module.origin in _BY_DIMS.values() else nn.BatchNorm2d
+        out = cls(
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
+            **_placement(module),
+        )
+        _copy_state(module, out)
+    for name, child in module.named_children():
+        out.add_module(name, revert_batchnorm(child))
+    return out
+
+
+def _placement(module: nn.Module) -> dict[str, Any]:
+    tensor = next(iter([*module.parameters(), *module.buffers()]), None)
+    return (
+        {}
+        if tensor is None
+        else {"device": tensor.device, "dtype": tensor.dtype if tensor.is_floating_point() else None}
+    )
+
+
+def _copy_state(src: _BatchNorm, dst: _BatchNorm) -> None:
+    with torch.no_grad():
+        if src.affine:
+            dst.weight.copy_(src.weight)
+            dst.bias.copy_(src.bias)
+            dst.weight.requires_grad_(src.weight.requires_grad)
+            dst.bias.requires_grad_(src.bias.requires_grad)
+        if src.track_running_stats:
+            dst.running_mean.copy_(src.running_mean)
+            dst.running_var.copy_(src.running_var)
+            dst.num_batches_tracked.copy_(src.num_batches_tracked)
+    if hasattr(src, "qconfig"):
+        dst.qconfig = src.qconfig
+    dst.train(src.training)

@@ -1,0 +1,167 @@
+"""WorkerLoop against real services, without torch: threads, steps, outages, forks."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+from conftest import wait_until
+
+from psq.loop import ForkedLoop, Submission, WorkerLoop
+from psq.stats import History, Moments
+
+
+def submission(seed: int, channels: int = 4, count: float = 8.0) -> Submission:
+    rng = np.random.default_rng(seed)
+    return Submission(count, rng.normal(size=channels), rng.random(channels))
+
+
+def test_steps_are_pushed_in_the_background_and_history_comes_back(cluster):
+    c = cluster(2, "--half-life", "100")
+    reference = {name: History(100.0) for name in ("a", "b", "c")}
+    with WorkerLoop(c.endpoints.frontend, job="job", worker="w0", dtype="<f8") as loop:
+        for step in range(5):
+            for i, name in enumerate(reference):
+                s = submission(10 * step + i)
+                loop.submit(name, s)
+                reference[name].update(Moments(s.count, s.mean, s.var))
+            assert loop.step() == step
+            assert loop.flush(10)  # one step at a time, so the history follows a known order
+        for name, h in reference.items():
+            got = loop.history(name)
+            assert got is not None and got.version == 5 and got.step == 4
+            np.testing.assert_allclose(got.moments.mean, h.moments.mean, rtol=1e-12)
+            np.testing.assert_allclose(got.moments.var, h.moments.var, rtol=1e-12)
+        summary = loop.summary()
+    assert summary["pushes"] == 5 and summary["answered"] == 5 and summary["unavailable"] == 0
+
+
+def test_a_layer_submitting_twice_closes_the_step_by_itself(cluster):
+    c = cluster(1)
+    with WorkerLoop(c.endpoints.frontend, job="job", worker="w0") as loop:
+        for _ in range(3):
+            loop.submit("a", submission(1))
+            loop.submit("b", submission(2))
+        assert loop.current_step == 2  # steps 0 and 1 closed by the repeats; step 2 is open
+        assert loop.flush(10)
+        # pushes made while one is in flight are merged into one update: count samples, not versions
+        assert loop.history("a").moments.count == pytest.approx(3 * 8.0, rel=1e-4)
+
+
+def test_the_loop_keeps_going_while_the_broker_is_away_and_recovers(cluster, spawn, caplog):
+    c = cluster(1)
+    with WorkerLoop(c.endpoints.frontend, job="job", worker="w0", timeout_s=0.2, retries=1) as loop:
+        for i in range(3):
+            loop.submit("a", submission(i))
+            loop.step()
+        assert loop.flush(10)
+        before = loop.history("a").version
+        c.broker.kill(signal.SIGKILL)
+        for i in range(3):
+            loop.submit("a", submission(i))
+            t0 = time.monotonic()
+            loop.step()
+            assert time.monotonic() - t0 < 1.0, "step() must hand over, not wait"  # a liveness bound
+        assert loop.flush(20)
+        assert loop.summary()["unavailable"] >= 1
+        spawn("broker", "--frontend", c.endpoints.frontend, "--backend", c.endpoints.backend)
+
+        def advanced() -> bool:
+            loop.submit("a", submission(9))
+            loop.step()
+            loop.flush(5)
+            h = loop.history("a")
+            return h is not None and h.version > before
+
+        wait_until(advanced, timeout_s=30, what="history versions to advance after the broker restart")
+    messages = [r.getMessage() for r in caplog.records if r.name == "psq.loop"]
+    assert sum("unreachable" in m for m in messages) == 1  # logged once, not every step
+    assert any("answers again" in m for m in messages)
+
+
+def test_stop_leaves_no_thread_and_no_socket(cluster):
+    c = cluster(1)
+    before = set(threading.enumerate())
+    loop = WorkerLoop(c.endpoints.frontend, job="job", worker="w0").start()
+    loop.submit("a", submission(0))
+    loop.flush(10)
+    client = loop._client
+    assert client is not None and client._sock is not None
+    loop.stop()
+    assert set(threading.enumerate()) == before
+    assert client._sock is None and loop._client is None
+
+
+def test_stop_returns_even_when_the_service_never_answers(ipc_dir):
+    loop = WorkerLoop(f"ipc://{ipc_dir}/nobody", job="job", worker="w0", timeout_s=5.0).start()
+    loop.submit("a", submission(0))
+    loop.step()
+    t0 = time.monotonic()
+    loop.stop(timeout_s=5.0)
+    assert time.monotonic() - t0 < 5.0 and loop._thread is None
+
+
+def _use_in_child(loop: WorkerLoop, out: multiprocessing.connection.Connection) -> None:
+    try:
+        loop.submit("a", submission(0))
+        out.send("used")
+    except ForkedLoop as exc:
+        out.send(f"refused: {exc}")
+
+
+def test_a_forked_process_cannot_use_the_loop_and_the_parent_carries_on(cluster):
+    c = cluster(1)
+    with WorkerLoop(c.endpoints.frontend, job="job", worker="w0") as loop:
+        loop.submit("a", submission(0))
+        loop.flush(10)
+        ctx = multiprocessing.get_context("fork")
+        parent_end, child_end = ctx.Pipe()
+        child = ctx.Process(target=_use_in_child, args=(loop, child_end))
+        child.start()
+        child.join(20)
+        assert child.exitcode == 0
+        assert parent_end.recv().startswith("refused: this WorkerLoop belongs to the process")
+        loop.submit("a", submission(1))
+        assert loop.flush(10) and loop.history("a").version == 2
+
+
+@pytest.mark.asyncio
+async def test_inside_the_trainers_own_event_loop(cluster):
+    c = cluster(1)
+    async with WorkerLoop(c.endpoints.frontend, job="job", worker="w0") as loop:
+        for i in range(3):
+            loop.submit("a", submission(i))
+            loop.step()
+            await asyncio.sleep(0)
+        assert await loop.aflush(10)
+        assert loop.history("a").moments.count == pytest.approx(3 * 8.0, rel=1e-4)
+        with pytest.raises(RuntimeError, match="own event loop"):
+            loop.flush(1)
+
+
+def test_sync_mode_exchanges_block_until_every_worker_is_in(cluster):
+    c = cluster(1, "--mode", "sync", "--workers", "2")
+    results: dict[str, object] = {}
+
+    def worker(name: str, seed: int) -> None:
+        with WorkerLoop(c.endpoints.frontend, job="job", worker=name, mode="sync", dtype="<f8") as loop:
+            results[name] = loop.exchange("a", submission(seed))
+
+    threads = [threading.Thread(target=worker, args=(f"w{i}", i)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    (p0, complete0), (p1, complete1) = results["w0"], results["w1"]
+    assert complete0 and complete1 and p0.count == p1.count == 16.0
+    np.testing.assert_allclose(p0.mean, (submission(0).mean + submission(1).mean) / 2, rtol=1e-12)
+
+
+def test_unknown_mode_is_refused():
+    with pytest.raises(ValueError, match="mode must be"):
+        WorkerLoop(job="j", worker="w", mode="fast")

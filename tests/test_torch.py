@@ -1,0 +1,269 @@
+"""psq.torch: PSBatchNorm against nn.BatchNorm, SyncBatchNorm's semantics, DDP, conversions."""
+
+from __future__ import annotations
+
+import copy
+import signal
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as tmp
+from dist_workers import ddp_train, small_cnn, sync_forward
+from torch import nn
+
+from broker import snapshot
+from psq.loop import WorkerLoop
+from psq.stats import Moments, blend, unbiased_var
+from psq.torch import PSBatchNorm, convert_batchnorm, revert_batchnorm
+
+torch.set_num_threads(1)
+
+
+def bn_layers(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+
+
+def test_history_weight_zero_is_exactly_batchnorm_and_buffers_hold_the_cluster_history(cluster, tmp_path):
+    snap = tmp_path / "shard.snap"
+    c = cluster(1, "--half-life", "500", "--snapshot", str(snap), "--snapshot-interval-s", "3600")
+    torch.manual_seed(0)
+    reference = small_cnn().double()
+    with WorkerLoop(c.endpoints.frontend, job="eq", worker="w0", dtype="<f8") as loop:
+        model = convert_batchnorm(copy.deepcopy(reference), loop, history_weight=0.0)
+        opt_m = torch.optim.SGD(model.parameters(), lr=0.1)
+        opt_r = torch.optim.SGD(reference.parameters(), lr=0.1)
+        for step in range(6):
+            x = torch.randn(5, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
+            xm, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+            out_m, out_r = model(xm), reference(xr)
+            torch.testing.assert_close(out_m, out_r, rtol=0, atol=1e-10)
+            w = torch.randn_like(out_r)
+            (out_m * w).sum().backward()
+            (out_r * w).sum().backward()
+            torch.testing.assert_close(xm.grad, xr.grad, rtol=0, atol=1e-10)
+            for (name, pm), (_, pr) in zip(model.named_parameters(), reference.named_parameters()):
+                torch.testing.assert_close(pm.grad, pr.grad, rtol=0, atol=1e-10, msg=name)
+            opt_m.step(), opt_r.step(), opt_m.zero_grad(), opt_r.zero_grad()
+        assert loop.flush(10)
+        model.eval()
+    c.aggregators[0].terminate()
+    store = snapshot.load(snap, 0, 1, 500.0)
+    for name, layer in bn_layers(model).items():
+        job = store.jobs["eq"]
+        i = job.index[name]
+        sl = slice(job.starts[i], job.starts[i] + job.channels[i])
+        history = Moments(job.counts[i], job.mean[sl], job.var[sl])
+        np.testing.assert_allclose(layer.running_mean.numpy(), history.mean, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(layer.running_var.numpy(), unbiased_var(history), rtol=1e-12, atol=1e-14)
+
+
+def trained_layer(frontend: str, weight: float = 0.6) -> tuple[PSBatchNorm, WorkerLoop]:
+    """A float64 layer whose loop has received history, then stopped: its history is fixed."""
+    loop = WorkerLoop(frontend, job="grad", worker="w0", dtype="<f8").start()
+    layer = PSBatchNorm(3, history_weight=weight, name="bn", loop=loop).double()
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-0.5, 0.5)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        layer(torch.randn(6, 3, 4, 4, dtype=torch.float64, generator=gen) * 2 + 1)
+    assert loop.flush(10)
+    loop.stop()
+    return layer, loop
+
+
+def test_the_blended_forward_is_the_blend_of_history_and_batch(cluster):
+    c = cluster(1)
+    layer, loop = trained_layer(c.endpoints.frontend)
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    h = loop.history("bn").moments
+    batch = Moments.of(x.numpy(), (0, 2, 3))
+    want = blend(h, batch, 0.6)
+    assert float(want.count) < float(h.count) + batch.count  # the cap is in effect
+    y = layer(x).detach().numpy()
+    shape = (1, 3, 1, 1)
+    expected = (x.numpy() - want.mean.reshape(shape)) / np.sqrt(want.var.reshape(shape) + layer.eps)
+    expected = expected * layer.weight.detach().numpy().reshape(shape) + layer.bias.detach().numpy().reshape(shape)
+    np.testing.assert_allclose(y, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_gradcheck_of_the_blended_layer(cluster):
+    c = cluster(1)
+    layer, _ = trained_layer(c.endpoints.frontend)
+    x = torch.randn(3, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: layer(t), (x,), eps=1e-6, atol=1e-6)
+    # the same parameter tensors the layer uses: gradcheck perturbs them in place
+    assert torch.autograd.gradcheck(lambda w, b: layer(x), (layer.weight, layer.bias), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dims", [2, 3, 4, 5])
+def test_inputs_of_2_to_5_dimensions_in_float32_and_float64(cluster, dtype, dims):
+    c = cluster(1)
+    shape = [4, 3, 5, 4, 3][:dims]
+    with WorkerLoop(c.endpoints.frontend, job=f"dims{dims}", worker="w0") as loop:
+        layer = PSBatchNorm(3, history_weight=0.0, name="bn", loop=loop).to(dtype)
+        plain = (
+            nn.BatchNorm1d(3).to(dtype) if dims <= 3 else (nn.BatchNorm2d if dims == 4 else nn.BatchNorm3d)(3).to(dtype)
+        )
+        x = torch.randn(*shape, dtype=dtype)
+        torch.testing.assert_close(layer(x), plain(x))
+        assert loop.flush(10) and loop.history("bn").moments.count == x.numel() // 3
+
+
+def test_channels_last_uneven_batches_and_autocast(cluster):
+    c = cluster(1)
+    with WorkerLoop(c.endpoints.frontend, job="formats", worker="w0") as loop:
+        layer = PSBatchNorm(4, history_weight=0.5, name="bn", loop=loop)
+        for n in (1, 7, 3, 5):  # uneven batch sizes: the counts carry the difference
+            x = torch.randn(n, 4, 6, 6).to(memory_format=torch.channels_last)
+            y = layer(x)
+            assert torch.isfinite(y).all() and y.shape == x.shape
+        assert loop.flush(10)
+        assert loop.history("bn").moments.count == pytest.approx(36 * (1 + 7 + 3 + 5), rel=1e-3)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            x = torch.randn(8, 4, 6, 6).to(torch.bfloat16)
+            y = layer(x)
+        assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
+        assert loop.flush(10)
+        mean = loop.history("bn").moments.mean
+        assert mean.dtype == np.float32  # statistics in float32 under autocast
+
+
+def test_a_training_script_keeps_stepping_while_the_broker_restarts(cluster, spawn):
+    c = cluster(1)
+    torch.manual_seed(0)
+    with WorkerLoop(c.endpoints.frontend, job="outage", worker="w0", timeout_s=0.2, retries=1) as loop:
+        model = convert_batchnorm(small_cnn(), loop)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+
+        def train(steps: int) -> None:
+            for _ in range(steps):
+                loss = model(torch.randn(4, 3, 8, 8)).pow(2).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+
+        train(5)
+        assert loop.flush(10)
+        before = loop.history("1").version
+        c.broker.kill(signal.SIGKILL)
+        t0 = time.monotonic()
+        train(20)  # nothing waits on the absent broker
+        assert time.monotonic() - t0 < 30  # a liveness bound, not a speed target
+        spawn("broker", "--frontend", c.endpoints.frontend, "--backend", c.endpoints.backend)
+        deadline = time.monotonic() + 30
+        while loop.history("1").version <= before and time.monotonic() < deadline:
+            train(1)
+            time.sleep(0.05)
+        assert loop.history("1").version > before
+
+
+def test_convert_and_revert_round_trip_with_state_dicts():
+    torch.manual_seed(0)
+    original = nn.Sequential(
+        nn.Conv1d(2, 3, 1),
+        nn.BatchNorm1d(3),
+        nn.Conv2d(3, 4, 1),
+        nn.BatchNorm2d(4),
+        nn.Sequential(nn.BatchNorm3d(4), nn.SyncBatchNorm(4)),
+    )
+    original.eval()
+    for bn in bn_layers(original).values():
+        with torch.no_grad():
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.uniform_(0.5, 1.5)
+        bn.num_batches_tracked.fill_(7)
+    original[1].weight.requires_grad_(False)
+    converted = convert_batchnorm(copy.deepcopy(original), None, history_weight=0.25)
+    layers = bn_layers(converted)
+    assert all(isinstance(m, PSBatchNorm) for m in layers.values())
+    assert [m.name for m in layers.values()] == ["1", "3", "4.0", "4.1"]
+    assert not converted[1].weight.requires_grad and not converted.training
+    assert converted.state_dict().keys() == original.state_dict().keys()
+    for key, value in original.state_dict().items():
+        assert torch.equal(converted.state_dict()[key], value), key
+    fresh = copy.deepcopy(original)
+    fresh.load_state_dict(converted.state_dict())
+    converted.load_state_dict(original.state_dict())
+    reverted = revert_batchnorm(converted)
+    assert [type(m) for m in bn_layers(reverted).values()] == [
+        nn.BatchNorm1d,
+        nn.BatchNorm2d,
+        nn.BatchNorm3d,
+        nn.BatchNorm2d,
+    ]
+    x = torch.randn(2, 4, 5, 5)
+    torch.testing.assert_close(reverted[3](x), original[3](x))
+    assert converted.state_dict().keys() == reverted.state_dict().keys()
+
+
+def test_revert_uses_the_input_dimensions_seen():
+    layer = PSBatchNorm(3)
+    layer(torch.randn(4, 3, 2, 2, 2))
+    assert type(revert_batchnorm(layer)) is nn.BatchNorm3d
+
+
+def test_a_bad_history_weight_is_refused():
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        PSBatchNorm(3, history_weight=1.0)
+    with pytest.raises(ValueError, match="max_staleness"):
+        PSBatchNorm(3, max_staleness=-1)
+
+
+def test_dataloader_worker_processes_are_safe(cluster):
+    c = cluster(1)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 3, 8, 8))
+    loader = torch.utils.data.DataLoader(data, batch_size=8, num_workers=2, multiprocessing_context="fork")
+    with WorkerLoop(c.endpoints.frontend, job="loader", worker="w0") as loop:
+        model = convert_batchnorm(small_cnn(), loop)
+        for _epoch in range(2):
+            for (x,) in loader:
+                model(x).sum().backward()
+        assert loop.flush(10) and loop.summary()["unavailable"] == 0
+        assert loop.history("1").moments.count > 0
+
+
+def _spawn(fn, *args) -> None:
+    tmp.start_processes(fn, args=args, nprocs=2, join=True, start_method="spawn")
+
+
+def test_sync_mode_forward_equals_batchnorm_on_the_global_batch(cluster, tmp_path):
+    c = cluster(1, "--mode", "sync", "--workers", "2")
+    torch.manual_seed(3)
+    reference = small_cnn().double()
+    x = torch.randn(10, 3, 8, 8, dtype=torch.float64) * 3 + 1
+    torch.save({"state": reference.state_dict(), "x": x}, tmp_path / "inputs.pt")
+    _spawn(sync_forward, 2, f"file://{tmp_path}/rendezvous", c.endpoints.frontend, str(tmp_path))
+    outputs = {}
+    for name, m in bn_layers(reference).items():
+        m.register_forward_hook(lambda mod, inp, out, name=name: outputs.__setitem__(name, out.detach()))
+    reference(x)  # train mode: every BN normalizes with the whole global batch
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert set(ranks[0]) == set(outputs) == {"1", "4", "8"}
+    for name, full in outputs.items():
+        got = torch.cat([ranks[0][name], ranks[1][name]])
+        torch.testing.assert_close(got, full, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("broadcast_buffers", [True, False])
+def test_distributed_data_parallel_trains_and_buffers_hold_each_ranks_cluster_history(
+    cluster, tmp_path, broadcast_buffers
+):
+    c = cluster(1)
+    _spawn(ddp_train, 2, f"file://{tmp_path}/rendezvous", c.endpoints.frontend, str(tmp_path), broadcast_buffers)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for r in ranks:
+        assert all(np.isfinite(r["losses"]))
+    params = [k for k in ranks[0]["state"] if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    for key in params:  # DDP keeps the replicas identical
+        torch.testing.assert_close(ranks[0]["state"][key], ranks[1]["state"][key])
+    for r in ranks:  # whatever DDP broadcast, eval() reloaded this rank's latest cluster history
+        for name, (mean, var, count) in r["history"].items():
+            np.testing.assert_allclose(r["state"][f"{name}.running_mean"].numpy(), mean, rtol=1e-6)
+            np.testing.assert_allclose(
+                r["state"][f"{name}.running_var"].numpy(), unbiased_var(Moments(count, mean, var)), rtol=1e-5
+            )
