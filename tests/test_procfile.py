@@ -23,7 +23,7 @@ def readme_example(marker: str) -> str:
     return match[1]
 
 
-def test_honcho_runs_broker_and_aggregator_and_the_readme_client_talks_to_them(endpoints, tmp_path):
+def test_honcho_runs_broker_and_aggregator_and_the_readme_examples_talk_to_them(endpoints, tmp_path):
     env = {
         **os.environ,
         "PSQ_FRONTEND": endpoints.frontend,
@@ -53,6 +53,17 @@ def test_honcho_runs_broker_and_aggregator_and_the_readme_client_talks_to_them(e
         status = run_psq("status", "--json", "--frontend", endpoints.frontend)
         layers = json.loads(status.stdout)["shard_reports"]["0"]["jobs"]["demo"]
         assert [(name, version) for name, _, version in layers] == [("bn1", 10), ("bn2", 10)]
+        training = tmp_path / "train.py"
+        training.write_text(readme_example("sync-training"))
+        out = subprocess.run(
+            [sys.executable, str(training)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120
+        )
+        assert out.returncode == 0, out.stderr
+        assert "eval output (2, 10)" in out.stdout and (tmp_path / "model.pt").exists()
+        answered = int(out.stdout.split()[-2])
+        assert answered >= 1
+        layers = json.loads(run_psq("status", "--json", "--frontend", endpoints.frontend).stdout)
+        assert {n for n, _, _ in layers["shard_reports"]["0"]["jobs"]["readme"]} == {"1", "4"}
     finally:
         honcho.send_signal(signal.SIGTERM)
         output = honcho.communicate(timeout=10)[0].decode()
