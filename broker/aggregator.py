@@ -25,6 +25,7 @@ from psq import protocol
 from psq.config import AggregatorSettings
 from psq.counters import Counters
 from psq.protocol import Command, ErrorCode, HistoryReply, ProtocolError, Push
+from psq.security import ClientKeys
 from psq.sockets import drain, tune
 
 log = logging.getLogger("psq.aggregator")
@@ -48,6 +49,7 @@ class Aggregator:
         self.counters = Counters()
         self.store = Store(self.shard, self.shards, settings.half_life)
         self.sync = SyncSteps(settings.workers or 1, settings.sync_timeout_s) if settings.mode == "sync" else None
+        self.keys = ClientKeys.load(settings.secret_key, settings.server_key)
         self.registered = False
         self._refused_since: float | None = None
         self._sock: zmq.Socket | None = None
@@ -58,6 +60,8 @@ class Aggregator:
         self._resume()
         ctx = zmq.Context()
         self._sock = tune(ctx.socket(zmq.DEALER), HWM, self.settings.max_message_bytes)
+        if self.keys is not None:
+            self.keys.apply(self._sock)
         self._sock.connect(self.settings.backend)
         log.info(
             "aggregator %s: shard %d/%d, %s mode, broker at %s",
@@ -101,9 +105,7 @@ class Aggregator:
                     self._on_message(frames, time.monotonic())
             now = time.monotonic()
             if now >= next_beat:
-                self._sock.send_multipart(
-                    [b"", *protocol.encode_heartbeat(protocol.Heartbeat(self.shard, self.shards, self.name))]
-                )
+                self._send(b"", protocol.encode_heartbeat(protocol.Heartbeat(self.shard, self.shards, self.name)))
                 next_beat = now + self.settings.heartbeat_s
                 self.counters.sample(now)
             self._expire_sync_steps(now)
@@ -140,8 +142,13 @@ class Aggregator:
         self._send(route, protocol.encode_error(exc.code, exc.message, self.shard, seq))
 
     def _send(self, route: Any, frames: list[Any]) -> None:
+        """Send without ever blocking: with no broker connected (or a refused handshake) a DEALER
+        would wait forever.  What cannot leave now is dropped; the peers retry."""
         assert self._sock is not None
-        self._sock.send_multipart([route, *frames])
+        try:
+            self._sock.send_multipart([route, *frames], zmq.NOBLOCK)
+        except zmq.Again:
+            self.counters.errors["send_dropped"] += 1
 
     def _on_broker(self, frames: list[zmq.Frame], now: float) -> None:
         try:

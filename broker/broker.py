@@ -21,12 +21,14 @@ from collections.abc import Callable
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from broker.shards import Refused, ShardTable
 from psq import protocol
 from psq.config import BrokerSettings
 from psq.counters import Counters
 from psq.protocol import BROKER_KEY, Command, ErrorCode, ProtocolError
+from psq.security import AGGREGATORS_DOMAIN, HANDSHAKE_EVENTS, WORKERS_DOMAIN, BrokerAuth, check_bind, handshake_failure
 from psq.sockets import drain, tune
 
 log = logging.getLogger("psq.broker")
@@ -50,34 +52,67 @@ class Broker:
         self._started = time.monotonic()
         self._frontend: zmq.Socket | None = None
         self._backend: zmq.Socket | None = None
+        self._monitors: dict[zmq.Socket, str] = {}  # handshake monitors -> the side they watch
 
     def run(self, should_stop: Callable[[], bool], ready: Callable[[], None] | None = None) -> None:
-        """Serve until ``should_stop()`` turns true (checked at least every tick)."""
+        """Serve until ``should_stop()`` turns true (checked at least every tick).
+
+        Raises :class:`~psq.config.SettingsError` for a non-loopback bind without keys.
+        """
+        s = self.settings
+        auth = BrokerAuth(s.secret_key, s.worker_keys, s.aggregator_keys) if s.secret_key else None
+        for address in (s.frontend, s.backend):
+            check_bind(address, auth is not None, s.insecure)
         ctx = zmq.Context()
         try:
-            self._frontend = self._bind(ctx, self.settings.frontend)
-            self._backend = self._bind(ctx, self.settings.backend)
-            log.info("broker: workers on %s, aggregators on %s", self.settings.frontend, self.settings.backend)
+            if auth is not None:
+                auth.start(ctx)
+            self._frontend = self._bind(ctx, s.frontend, auth, WORKERS_DOMAIN)
+            self._backend = self._bind(ctx, s.backend, auth, AGGREGATORS_DOMAIN)
+            log.info(
+                "broker: workers on %s, aggregators on %s, %s",
+                s.frontend,
+                s.backend,
+                "CurveZMQ with allow-lists" if auth else "no encryption (loopback or --insecure)",
+            )
             if ready:
                 ready()
             self._serve(should_stop)
         finally:
-            for sock in (self._frontend, self._backend):
+            for sock in (*self._monitors, self._frontend, self._backend):
                 if sock is not None:
                     sock.close(linger=0)
+            if auth is not None:
+                auth.stop()
             ctx.term()
             log.info("broker: stopped")
 
-    def _bind(self, ctx: zmq.Context, address: str) -> zmq.Socket:
+    def _bind(self, ctx: zmq.Context, address: str, auth: BrokerAuth | None, side: str) -> zmq.Socket:
         sock = tune(ctx.socket(zmq.ROUTER), self.settings.hwm, self.settings.max_message_bytes)
+        if auth is not None:
+            auth.serve(sock, side)
+        self._monitors[sock.get_monitor_socket(HANDSHAKE_EVENTS)] = side
         sock.bind(address)
         return sock
+
+    def _on_monitor(self, monitor: zmq.Socket) -> None:
+        while monitor.poll(0):
+            event = recv_monitor_message(monitor)
+            self.counters.errors["handshake"] += 1
+            log.warning(
+                "broker: refused a connection on the %s side (%s): %s",
+                self._monitors[monitor],
+                event["endpoint"].decode(errors="replace"),
+                handshake_failure(event),
+            )
 
     def _serve(self, should_stop: Callable[[], bool]) -> None:
         assert self._frontend is not None and self._backend is not None
         poller = zmq.Poller()
         poller.register(self._frontend, zmq.POLLIN)
         poller.register(self._backend, zmq.POLLIN)
+        for monitor in self._monitors:
+            poller.register(monitor, zmq.POLLIN)
         next_tick = time.monotonic()
         while not should_stop():
             ready = dict(poller.poll(TICK_S * 1000))
@@ -88,6 +123,9 @@ class Broker:
             if self._frontend in ready:
                 for frames in drain(self._frontend, DRAIN_LIMIT):
                     self._on_frontend(frames, now)
+            for monitor in self._monitors:
+                if monitor in ready:
+                    self._on_monitor(monitor)
             if now >= next_tick:
                 self._tick(now)
                 next_tick = now + TICK_S

@@ -15,10 +15,11 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import psq
 from psq import config
-from psq.config import AggregatorSettings, BrokerSettings, SettingsError, StatusSettings
+from psq.config import AggregatorSettings, BrokerSettings, SettingsError, StatusSettings, TrainSettings
 
 config.EXTRA_ENVIRONMENT.add("PSQ_LOG_LEVEL")
 
@@ -31,6 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
         commands.add_parser("broker", help="route statistics between workers and aggregators"), BrokerSettings
     )
     config.add_arguments(commands.add_parser("aggregator", help="own one shard of the statistics"), AggregatorSettings)
+    config.add_arguments(
+        commands.add_parser("worker", help="train the digits CNN as one or more DDP workers"), TrainSettings
+    )
+    keys = commands.add_parser("keys", help="CurveZMQ key pairs").add_subparsers(dest="keys", required=True)
+    generate = keys.add_parser("generate", help="write NAME.key (public) and NAME.key_secret into DIR")
+    generate.add_argument("dir", type=Path, help="folder for the key files")
+    generate.add_argument("name", type=_key_name, help="the key pair's name (letters, digits, '.', '_', '-')")
     status = commands.add_parser("status", help="what the broker and the aggregators hold")
     config.add_arguments(status, StatusSettings)
     status.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -49,6 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--rounds", type=_positive_int, default=5, help="timed rounds (default 5)")
     step.add_argument("--batch", type=_positive_int, default=8, help="per-worker batch (default 8)")
     step.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    acc = benches.add_parser("accuracy", help="test accuracy on digits: local BN, synchronized BN, psq")
+    acc.add_argument("--settings", type=_choices("abc"), default="abc", help="which of settings a, b, c (default abc)")
+    acc.add_argument("--seeds", type=_positive_int, default=3, help="seeds per setting and method (default 3)")
+    acc.add_argument("--epochs", type=_positive_int, default=5, help="epochs per run (default 5)")
+    acc.add_argument("--history-weight", type=float, default=0.9, help="psq's history weight (default 0.9)")
+    acc.add_argument("--half-life", type=float, default=4096.0, help="the aggregator's half-life in samples")
+    acc.add_argument("--out", type=Path, default=Path("runs/accuracy"), help="folder for the table, JSON and PNG")
+    acc.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return parser
 
 
@@ -75,6 +91,17 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return _aggregator(config.load(AggregatorSettings, args, os.environ))
     if args.command == "status":
         return _status(config.load(StatusSettings, args, os.environ), args.json)
+    if args.command == "keys":
+        from psq.security import generate
+
+        public, secret = generate(args.dir, args.name)
+        print(f"public key (share it: put it in the broker's allow-list): {public}")
+        print(f"secret key (keep it private; pass it with --secret-key): {secret}")
+        return 0
+    if args.command == "worker":
+        from workers import train
+
+        return train.main(config.load(TrainSettings, args, os.environ))
     if args.command == "bench" and args.bench == "codec":
         from psq.bench import codec
 
@@ -89,6 +116,19 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         from workers import step_bench
 
         step_bench.run(args.steps, args.rounds, args.batch, args.json)
+        return 0
+    if args.command == "bench" and args.bench == "accuracy":
+        from workers import accuracy_bench
+
+        accuracy_bench.run(
+            tuple(args.settings),
+            tuple(range(args.seeds)),
+            args.epochs,
+            args.history_weight,
+            args.half_life,
+            args.out,
+            args.json,
+        )
         return 0
     parser.print_help(sys.stderr)
     return 2
@@ -131,12 +171,30 @@ def _status(settings: StatusSettings, as_json: bool) -> int:
     from psq.status import StatusError, query, render
 
     try:
-        report = query(settings.frontend, settings.timeout_s)
+        from psq.security import ClientKeys
+
+        report = query(settings.frontend, settings.timeout_s, ClientKeys.load(settings.secret_key, settings.server_key))
     except StatusError as exc:
         print(f"psq status: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(report, indent=2) if as_json else render(report))
     return 0
+
+
+def _key_name(text: str) -> str:
+    try:
+        return config.name(text)
+    except SettingsError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _choices(allowed: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if not text or any(c not in allowed for c in text):
+            raise argparse.ArgumentTypeError(f"expected letters from {allowed!r}, got {text!r}")
+        return "".join(dict.fromkeys(text))
+
+    return parse
 
 
 def _positive_int(text: str) -> int:

@@ -39,6 +39,7 @@ import zmq
 from psq import protocol
 from psq.layout import Layout, LayoutError, shard_of
 from psq.protocol import BROKER_KEY, Command, ErrorCode, HistoryReply, ProtocolError
+from psq.security import ClientKeys
 from psq.sockets import tune
 from psq.stats import LayerMoments, Moments, Scratch, accumulate_into
 
@@ -142,6 +143,8 @@ class _Channel:
     inflight: _Request | None = None
     pending: OrderedDict[bytes, _Pending] = field(default_factory=OrderedDict)
     known_layouts: set[bytes] = field(default_factory=set)  # sent in full to this shard already
+    last_sent: float = float("-inf")
+    held: asyncio.TimerHandle | None = None  # a send waiting for min_interval_s to pass
 
 
 class StatsClient:
@@ -156,11 +159,15 @@ class StatsClient:
         timeout_s: float = 1.0,
         retries: int = 2,
         backoff_s: float = 0.05,
+        min_interval_s: float = 0.0,
         max_message_bytes: int = protocol.DEFAULT_MAX_BYTES,
+        keys: ClientKeys | None = None,
     ) -> None:
         self.frontend, self.job, self.worker = frontend, job, worker
         self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
+        self.min_interval_s = min_interval_s  # per shard, between sends: pushes meanwhile are merged
         self.max_message_bytes = max_message_bytes
+        self.keys = keys  # CurveZMQ: this worker's key pair and the broker's public key
         self.session = int.from_bytes(os.urandom(8), "little")  # a restarted worker starts a new sequence
         self.stats = {"pushes": 0, "messages": 0, "replies": 0, "errors": 0, "retries": 0, "coalesced": 0}
         self._seq = 0
@@ -189,6 +196,8 @@ class StatsClient:
             if handle is not None:
                 handle.cancel()
         for channel in self._channels.values():
+            if channel.held is not None:
+                channel.held.cancel()
             for waiter in _waiters(channel):
                 waiter.cancel()  # a push still waiting reports Unavailable("closed")
         self._channels.clear()
@@ -259,8 +268,13 @@ class StatsClient:
         return future
 
     def _send_next(self, shard: int, channel: _Channel) -> None:
-        if not channel.pending:
+        if not channel.pending or channel.inflight is not None or channel.held is not None:
             return
+        wait_s = channel.last_sent + self.min_interval_s - self._running_loop().time()
+        if wait_s > 0:
+            channel.held = self._running_loop().call_later(wait_s, self._release, shard, channel)
+            return
+        channel.last_sent = self._running_loop().time()
         _, pending = channel.pending.popitem(last=False)
         self._seq += 1
         layout, m = pending.layout, pending.stats
@@ -282,6 +296,10 @@ class StatsClient:
         channel.known_layouts.add(layout.id)
         channel.inflight = request
         self._transmit(request)
+
+    def _release(self, shard: int, channel: _Channel) -> None:
+        channel.held = None
+        self._send_next(shard, channel)
 
     async def _collect(self, step: int, futures: Mapping[int, asyncio.Future[Any]]) -> PushResult:
         await asyncio.wait(futures.values(), timeout=self._give_up_s())
@@ -308,6 +326,7 @@ class StatsClient:
     def _give_up_s(self) -> float:
         """Longest a push can take: its own request and the one ahead of it, every retry."""
         per_request = (self.retries + 1) * self.timeout_s + sum(self._backoff(a) for a in range(1, self.retries + 1))
+        per_request += self.min_interval_s
         return 2 * per_request + 1.0
 
     def _backoff(self, attempt: int) -> float:
@@ -339,6 +358,8 @@ class StatsClient:
 
     def _connect(self) -> None:
         sock = tune(zmq.Context.instance().socket(zmq.DEALER), 100, self.max_message_bytes)
+        if self.keys is not None:
+            self.keys.apply(sock)
         sock.connect(self.frontend)
         self._sock = sock
         self._running_loop().add_reader(sock.getsockopt(zmq.FD), self._drain)

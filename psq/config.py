@@ -57,6 +57,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise SettingsError(f"expected a non-negative number, got {text!r}") from None
+    if not 0.0 <= value < float("inf"):
+        raise SettingsError(f"expected a non-negative number, got {text!r}")
+    return value
+
+
 def unit_interval(text: str) -> float:
     try:
         value = float(text)
@@ -108,6 +118,32 @@ def optional_path(text: str) -> Path | None:
     return Path(text) if text else None
 
 
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise SettingsError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise SettingsError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def flag(text: str) -> bool:
+    """An on/off setting from the environment: 1/true/yes/on or 0/false/no/off."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise SettingsError(f"expected 1/true/yes/on or 0/false/no/off, got {text!r}")
+
+
+def name(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", text):
+        raise SettingsError(f"expected a name of letters, digits, '.', '_' and '-' (up to 128), got {text!r}")
+    return text
+
+
 # -- the settings of each process -----------------------------------------------------------------
 
 
@@ -119,6 +155,16 @@ class BrokerSettings:
     liveness: int = setting(3, "missed heartbeats after which an aggregator counts as gone", positive_int)
     max_message_bytes: int = setting(DEFAULT_MAX_BYTES, "largest message accepted, in bytes", positive_int)
     hwm: int = setting(1000, "high-water mark (messages queued per peer) of each socket", positive_int)
+    secret_key: Path | None = setting(None, "the broker's CurveZMQ secret key file (psq keys generate)", optional_path)
+    worker_keys: Path | None = setting(None, "folder of the public key files of allowed workers", optional_path)
+    aggregator_keys: Path | None = setting(None, "folder of the public key files of allowed aggregators", optional_path)
+    insecure: bool = setting(False, "allow binding a non-loopback address without keys", flag)
+    metrics_port: int | None = setting(None, "serve Prometheus metrics on this port (loopback)", positive_int)
+
+    def __post_init__(self) -> None:
+        given = [self.secret_key, self.worker_keys, self.aggregator_keys]
+        if any(given) and not all(given):
+            raise SettingsError("CurveZMQ on the broker needs --secret-key, --worker-keys and --aggregator-keys")
 
 
 @dataclass(frozen=True)
@@ -135,6 +181,9 @@ class AggregatorSettings:
     sync_timeout_s: float = setting(10.0, "sync mode: how long a step waits for every worker", positive_float)
     heartbeat_s: float = setting(1.0, "heartbeat interval in seconds", positive_float)
     max_message_bytes: int = setting(DEFAULT_MAX_BYTES, "largest message accepted, in bytes", positive_int)
+    secret_key: Path | None = setting(None, "this aggregator's CurveZMQ secret key file", optional_path)
+    server_key: Path | None = setting(None, "the broker's CurveZMQ public key file", optional_path)
+    metrics_port: int | None = setting(None, "serve Prometheus metrics on this port (loopback)", positive_int)
 
     def __post_init__(self) -> None:
         if self.mode == "sync" and self.workers is None:
@@ -145,9 +194,35 @@ class AggregatorSettings:
 class StatusSettings:
     frontend: str = setting(DEFAULT_FRONTEND, "the broker's frontend address", endpoint)
     timeout_s: float = setting(2.0, "how long to wait for each answer", positive_float)
+    secret_key: Path | None = setting(None, "a worker's CurveZMQ secret key file", optional_path)
+    server_key: Path | None = setting(None, "the broker's CurveZMQ public key file", optional_path)
 
 
-SETTINGS = (BrokerSettings, AggregatorSettings, StatusSettings)
+@dataclass(frozen=True)
+class TrainSettings:
+    """The digits trainer (``python -m workers.train``, ``psq worker``)."""
+
+    frontend: str = setting(DEFAULT_FRONTEND, "the broker's frontend address", endpoint)
+    norm: str = setting(
+        "psq",
+        "batch norm: psq (shared history), local (per worker), syncbn (synchronized)",
+        choice("psq", "local", "syncbn"),
+    )
+    workers: int = setting(2, "worker processes, when not started by torchrun", positive_int)
+    epochs: int = setting(5, "passes over the training set", positive_int)
+    batch: int = setting(1, "per-worker batch size", positive_int)
+    lr: float = setting(0.05, "peak learning rate (SGD, momentum 0.9, cosine schedule)", positive_float)
+    seed: int = setting(0, "seed of the model, the shards and the batch order", non_negative_int)
+    history_weight: float = setting(0.9, "psq: the history's largest share of the statistics", unit_interval)
+    sharding: str = setting(
+        "iid", "how training images are dealt to workers: iid, skewed, split", choice("iid", "skewed", "split")
+    )
+    run_dir: Path = setting(Path("runs/latest"), "folder for the weights and the summary", Path)
+    job: str | None = setting(None, "job name on the statistics service (default: digits-<run id>)", name)
+    wait_for_service_s: float = setting(30.0, "psq: how long to wait for the service before training", positive_float)
+
+
+SETTINGS = (BrokerSettings, AggregatorSettings, StatusSettings, TrainSettings)
 
 
 # -- reading flags and environment -----------------------------------------------------------------
@@ -175,16 +250,17 @@ def check_environment(environ: Mapping[str, str]) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One flag per field (``--heartbeat-s`` for ``heartbeat_s``), default None = not given."""
+    """One flag per field (``--heartbeat-s`` for ``heartbeat_s``), default None = not given;
+    an on/off setting is a flag without a value (``--insecure``)."""
     for f in dataclasses.fields(cls):
-        parser.add_argument(
-            "--" + f.name.replace("_", "-"),
-            dest=f.name,
-            default=None,
-            type=_argparse(f),
-            metavar=f.metadata["metavar"],
-            help=f"{f.metadata['help']} (env {env_name(f)}; default {_show(f.default)})",
-        )
+        option = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} (env {env_name(f)}; default {_show(f.default)})"
+        if f.metadata["parse"] is flag:
+            parser.add_argument(option, dest=f.name, default=None, action="store_const", const=True, help=help_text)
+        else:
+            parser.add_argument(
+                option, dest=f.name, default=None, type=_argparse(f), metavar=f.metadata["metavar"], help=help_text
+            )
 
 
 def load(cls: type, flags: argparse.Namespace | Mapping[str, Any], environ: Mapping[str, str]) -> Any:

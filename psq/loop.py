@@ -41,6 +41,7 @@ import numpy as np
 
 from psq.client import PushResult, Rejected, StatsClient, Unavailable
 from psq.config import DEFAULT_FRONTEND
+from psq.security import ClientKeys
 from psq.stats import Moments
 
 log = logging.getLogger("psq.loop")
@@ -91,12 +92,16 @@ class WorkerLoop:
         staleness_timeout_s: float = 1.0,
         dtype: str = "<f4",
         auto_step: bool = True,
+        push_interval_s: float = 0.0,
+        keys: ClientKeys | None = None,
     ) -> None:
         if mode not in ("async", "sync"):
             raise ValueError(f"mode must be 'async' or 'sync', got {mode!r}")
         self.frontend, self.job, self.worker, self.mode = frontend, job, worker, mode
         self.timeout_s, self.retries, self.dtype, self.auto_step = timeout_s, retries, dtype, auto_step
         self.sync_timeout_s, self.staleness_timeout_s = sync_timeout_s, staleness_timeout_s
+        self.push_interval_s = push_interval_s
+        self.keys = keys
         self._lock = threading.Condition()
         self._current: dict[str, Submission] = {}
         self._exchanged: set[str] = set()  # sync mode: layers that exchanged in this step
@@ -176,8 +181,16 @@ class WorkerLoop:
         self._loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
         timeout_s = max(self.timeout_s, self.sync_timeout_s + 1.0) if self.mode == "sync" else self.timeout_s
+        # In async mode a minimum interval between pushes bounds the message rate of a fast trainer:
+        # the steps in between are merged, not dropped.  Sync mode must send every exchange at once.
         self._client = StatsClient(
-            self.frontend, job=self.job, worker=self.worker, timeout_s=timeout_s, retries=self.retries
+            self.frontend,
+            job=self.job,
+            worker=self.worker,
+            timeout_s=timeout_s,
+            retries=self.retries,
+            min_interval_s=self.push_interval_s if self.mode == "async" else 0,
+            keys=self.keys,
         )
         await self._client.open()
 
@@ -274,6 +287,22 @@ class WorkerLoop:
             future.cancel()
             self._went_away("no pooled statistics in time")
             return None
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        """Wait until the broker names a live shard table (True), or ``timeout_s`` passes."""
+        self._forbid_loop_thread("wait for the statistics service")
+        if self._loop is None or self._client is None:
+            raise RuntimeError("the WorkerLoop is not running: start() it first")
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            future = asyncio.run_coroutine_threadsafe(self._client.shard_count(), self._loop)
+            try:
+                # shard_count is itself bounded by the client's retries; this only guards against a stall
+                future.result(self.timeout_s * (self.retries + 2) + 5.0)
+                return True
+            except (Unavailable, Rejected, concurrent.futures.TimeoutError):
+                time.sleep(min(0.2, max(deadline - time.monotonic(), 0.0)))
+        return False
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Wait until every pushed step is answered (or given up); False on timeout."""

@@ -11,6 +11,7 @@ import zmq
 
 from psq import protocol
 from psq.protocol import BROKER_KEY, Command, ProtocolError
+from psq.security import ClientKeys
 from psq.sockets import tune
 
 
@@ -18,9 +19,11 @@ class StatusError(Exception):
     """The broker did not answer, or answered with an error."""
 
 
-def query(frontend: str, timeout_s: float) -> dict[str, Any]:
+def query(frontend: str, timeout_s: float, keys: ClientKeys | None = None) -> dict[str, Any]:
     """The broker's report, with each live shard's report under ``"shard_reports"``."""
     sock = tune(zmq.Context.instance().socket(zmq.DEALER), 100, protocol.DEFAULT_MAX_BYTES)
+    if keys is not None:
+        keys.apply(sock)
     try:
         sock.connect(frontend)
         report = _ask(sock, BROKER_KEY, timeout_s, f"the broker at {frontend}")
@@ -39,7 +42,10 @@ def query(frontend: str, timeout_s: float) -> dict[str, Any]:
 
 
 def _ask(sock: zmq.Socket, key: int, timeout_s: float, who: str) -> dict[str, Any]:
-    sock.send_multipart(protocol.encode_status(key))
+    try:
+        sock.send_multipart(protocol.encode_status(key), zmq.NOBLOCK)
+    except zmq.Again:
+        raise StatusError(f"cannot reach {who}: no connection could take the request") from None
     if not sock.poll(timeout_s * 1000, zmq.POLLIN):
         raise StatusError(f"{who} did not answer within {timeout_s} s")
     try:

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch import nn
 
 from psq.loop import WorkerLoop
-from psq.torch import PSBatchNorm, convert_batchnorm
+from psq.torch import PSBatchNorm, convert_batchnorm, ddp_buffer_sync
 
 
 def small_cnn() -> nn.Sequential:
@@ -60,7 +60,7 @@ def ddp_train(rank: int, world: int, rendezvous: str, frontend: str, folder: str
     gen = torch.Generator().manual_seed(100 + rank)
     with WorkerLoop(frontend, job=f"ddp-{broadcast_buffers}", worker=f"rank{rank}") as loop:
         model = convert_batchnorm(model, loop, history_weight=0.5)
-        ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=broadcast_buffers)
+        ddp = nn.parallel.DistributedDataParallel(model, **ddp_buffer_sync(broadcast_buffers))
         opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
         losses = []
         for _ in range(12):

@@ -59,10 +59,10 @@ def test_history_weight_zero_is_exactly_batchnorm_and_buffers_hold_the_cluster_h
         np.testing.assert_allclose(layer.running_var.numpy(), unbiased_var(history), rtol=1e-12, atol=1e-14)
 
 
-def trained_layer(frontend: str, weight: float = 0.6) -> tuple[PSBatchNorm, WorkerLoop]:
+def trained_layer(frontend: str, weight: float = 0.6, gradient: str = "exact") -> tuple[PSBatchNorm, WorkerLoop]:
     """A float64 layer whose loop has received history, then stopped: its history is fixed."""
     loop = WorkerLoop(frontend, job="grad", worker="w0", dtype="<f8").start()
-    layer = PSBatchNorm(3, history_weight=weight, name="bn", loop=loop).double()
+    layer = PSBatchNorm(3, history_weight=weight, gradient=gradient, name="bn", loop=loop).double()
     with torch.no_grad():
         layer.weight.uniform_(0.5, 1.5)
         layer.bias.uniform_(-0.5, 0.5)
@@ -96,6 +96,23 @@ def test_gradcheck_of_the_blended_layer(cluster):
     assert torch.autograd.gradcheck(lambda t: layer(t), (x,), eps=1e-6, atol=1e-6)
     # the same parameter tensors the layer uses: gradcheck perturbs them in place
     assert torch.autograd.gradcheck(lambda w, b: layer(x), (layer.weight, layer.bias), eps=1e-6, atol=1e-6)
+
+
+def test_the_renorm_gradient_is_batchnorms_scaled_by_the_blends_correction(cluster):
+    """Batch Renormalization: y = γ·(x̂_B·σB/σ + (mB − μ)/σ) + β with σB/σ and (mB − μ)/σ held
+    constant, so dL/dx is nn.BatchNorm's gradient for the weight γ·σB/σ."""
+    c = cluster(1)
+    layer, loop = trained_layer(c.endpoints.frontend, gradient="renorm")
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    (grad,) = torch.autograd.grad(layer(x), x, g)
+    h, batch = loop.history("bn").moments, Moments.of(x.detach().numpy(), (0, 2, 3))
+    used = blend(h, batch, 0.6)
+    correction = torch.tensor(np.sqrt((batch.var + layer.eps) / (used.var + layer.eps)))
+    x2 = x.detach().clone().requires_grad_()
+    plain = nn.functional.batch_norm(x2, None, None, layer.weight.detach() * correction, None, True, 0.0, layer.eps)
+    (want,) = torch.autograd.grad(plain, x2, g)
+    torch.testing.assert_close(grad, want, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -210,6 +227,8 @@ def test_revert_uses_the_input_dimensions_seen():
 def test_a_bad_history_weight_is_refused():
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         PSBatchNorm(3, history_weight=1.0)
+    with pytest.raises(ValueError, match="gradient must be"):
+        PSBatchNorm(3, gradient="approximate")
     with pytest.raises(ValueError, match="max_staleness"):
         PSBatchNorm(3, max_staleness=-1)
 

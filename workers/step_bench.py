@@ -31,7 +31,7 @@ from torch import nn
 from psq.bench.timing import emit
 from psq.bench.transport import cluster
 from psq.loop import WorkerLoop
-from psq.torch import convert_batchnorm
+from psq.torch import convert_batchnorm, ddp_buffer_sync
 from workers.models import small_resnet
 
 METHODS = ("plain", "syncbn", "psq")
@@ -49,7 +49,7 @@ def _models(frontend: str, rank: int) -> tuple[dict[str, nn.Module], WorkerLoop]
         "syncbn": SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(base)),
         "psq": convert_batchnorm(copy.deepcopy(base), loop),
     }
-    return {k: nn.parallel.DistributedDataParallel(m, broadcast_buffers=False) for k, m in models.items()}, loop
+    return {k: nn.parallel.DistributedDataParallel(m, **ddp_buffer_sync(False)) for k, m in models.items()}, loop
 
 
 def _worker(rank: int, rendezvous: str, frontend: str, out: str, steps: int, rounds: int, batch: int) -> None:

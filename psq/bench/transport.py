@@ -146,10 +146,13 @@ def _marker(sock: zmq.Socket) -> None:
 
 
 @contextlib.contextmanager
-def cluster(shards: int) -> Iterator[str]:
+def cluster(shards: int, *aggregator_args: str) -> Iterator[str]:
+    """A broker and ``shards`` aggregators on fresh loopback ports; yields the frontend address."""
     front, back = _port(), _port()
     commands = [["psq", "broker", "--frontend", front, "--backend", back]]
-    commands += [["psq", "aggregator", "--shard", f"{i}/{shards}", "--backend", back] for i in range(shards)]
+    commands += [
+        ["psq", "aggregator", "--shard", f"{i}/{shards}", "--backend", back, *aggregator_args] for i in range(shards)
+    ]
     with _processes(*commands):
         deadline = time.monotonic() + 30
         while len(_live(front)) < shards:

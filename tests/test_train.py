@@ -1,0 +1,269 @@
+"""The main job: the digits trainer, the Procfile under honcho, the examples, more hosts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import free_tcp_port, wait_until
+from test_cli import run_psq
+from test_procfile import ROOT
+
+from psq.status import query
+from workers.data import digits, shards
+from workers.examples import custom_async, custom_sync
+from workers.models import digits_cnn
+
+BIN = str(Path(sys.executable).parent)
+
+
+def env_for(**values: str) -> dict[str, str]:
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PSQ_LOG_LEVEL": "WARNING", **values}
+
+
+def test_digits_come_from_the_package_with_a_fixed_split():
+    d = digits()
+    assert len(d.train_y) + len(d.test_y) == 1797 and len(d.test_y) == 359
+    assert d.train_x.shape[1:] == (1, 8, 8) and float(d.train_x.min()) >= 0.0 and float(d.train_x.max()) <= 1.0
+    assert torch.equal(digits().test_y, d.test_y)
+
+
+@pytest.mark.parametrize(("sharding", "workers", "own"), [("skewed", 4, 0.9), ("split", 2, 1.0)])
+def test_label_skewed_and_class_split_shards(sharding, workers, own):
+    labels = np.repeat(np.arange(10), 100)
+    parts = shards(labels, workers, sharding, seed=1)
+    groups = 4 if sharding == "skewed" else workers
+    for i, part in enumerate(parts):
+        assert len(part) == len(labels) // workers
+        in_group = np.minimum(labels[part] * groups // 10, groups - 1) == i % groups
+        assert in_group.mean() == pytest.approx(own, abs=0.01)
+
+
+def test_iid_shards_are_disjoint_and_equal():
+    parts = shards(np.arange(1000) % 10, 2, "iid", seed=3)
+    assert len(parts[0]) == len(parts[1]) == 500 and not set(parts[0]) & set(parts[1])
+
+
+def run_dir_files(run: Path) -> dict:
+    summary = json.loads((run / "summary.json").read_text())
+    model = digits_cnn()
+    model.load_state_dict(torch.load(run / "model.pt"))  # a plain PyTorch state dict
+    return summary
+
+
+def test_honcho_start_runs_the_whole_job_and_ends_by_itself(ipc_dir, tmp_path):
+    run = tmp_path / "run"
+    env = env_for(
+        PSQ_FRONTEND=f"ipc://{ipc_dir}/f", PSQ_BACKEND=f"ipc://{ipc_dir}/b", PSQ_RUN_DIR=str(run), PSQ_EPOCHS="1"
+    )
+    (tmp_path / "Procfile").write_text((ROOT / "Procfile").read_text())
+    out = subprocess.run(
+        [sys.executable, "-m", "honcho", "start"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240
+    )
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert re.search(r"test accuracy \(cluster statistics\): \d+\.\d+%", out.stdout)
+    assert re.search(r"statistics messages: \d+ pushed, \d+ answered, 0 unavailable", out.stdout)
+    summary = run_dir_files(run)
+    assert summary["accuracy"] > 0.5 and summary["world"] == 2
+    assert (run / "aggregator-0.snap").exists()
+
+
+def test_the_custom_trainer_examples_run(cluster):
+    c = cluster(1)
+    assert custom_sync.main(c.endpoints.frontend) > 0.6  # better than chance on the toy task
+    assert asyncio.run(custom_async.main(c.endpoints.frontend)) > 0.6
+
+
+def test_workers_on_other_hosts_reach_the_service_by_tcp_address(spawn, tmp_path):
+    """Broker and aggregator on 'one host' and two single-rank workers on 'others', each bound or
+    connected to a different loopback address, the workers launched as two torchrun nodes."""
+    frontend = f"tcp://127.0.0.2:{free_tcp_port()}"
+    backend = f"tcp://127.0.0.3:{free_tcp_port()}"
+    spawn("broker", "--frontend", frontend, "--backend", backend)
+    spawn("aggregator", "--backend", backend, "--half-life", "4096")
+    wait_until(lambda: _live(frontend), what="the aggregator behind 127.0.0.3")
+    port = free_tcp_port()
+    nodes = []
+    for node in (0, 1):
+        env = env_for(PSQ_FRONTEND=frontend, PSQ_EPOCHS="1", PSQ_RUN_DIR=str(tmp_path / "run"), PSQ_JOB="hosts")
+        nodes.append(
+            subprocess.Popen(
+                [
+                    f"{BIN}/torchrun",
+                    "--nnodes",
+                    "2",
+                    "--node-rank",
+                    str(node),
+                    "--nproc-per-node",
+                    "1",
+                    "--master-addr",
+                    "127.0.0.4",
+                    "--master-port",
+                    str(port),
+                    "-m",
+                    "workers.train",
+                ],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    outputs = [p.communicate(timeout=240)[0] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], outputs
+    summary = run_dir_files(tmp_path / "run")
+    loops = [r["loop"] for r in summary["ranks"]]
+    assert all(r["unavailable"] == 0 and r["answered"] > 0 for r in loops)
+    report = query(frontend, 2)
+    assert {w["worker"] for w in report["workers"]} == {"rank0", "rank1"}
+
+
+def _live(frontend: str) -> bool:
+    from psq.status import StatusError
+
+    try:
+        return any(a["alive"] for a in query(frontend, 0.3)["aggregators"])
+    except StatusError:
+        return False
+
+
+def descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.add(child)
+            todo.append(child)
+    return out
+
+
+def alive(pids: set[int]) -> set[int]:
+    out = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            out.add(pid)
+    return out
+
+
+def test_sigterm_stops_every_rank_of_the_launcher(cluster, tmp_path):
+    c = cluster(1)
+    launcher = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "psq",
+            "worker",
+            "--frontend",
+            c.endpoints.frontend,
+            "--epochs",
+            "50",
+            "--run-dir",
+            str(tmp_path / "run"),
+        ],
+        env=env_for(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    wait_until(lambda: _updates(c.endpoints.frontend) > 20, timeout_s=120, what="training to be under way")
+    family = descendants(launcher.pid)
+    assert len(family) >= 2
+    launcher.send_signal(signal.SIGTERM)
+    output = launcher.communicate(timeout=30)[0]
+    assert launcher.returncode != 0 and "stopped" in output
+    wait_until(lambda: not alive(family), timeout_s=10, what="every rank to be gone")
+
+
+def test_sigterm_to_honcho_mid_training_leaves_no_process_behind(ipc_dir, tmp_path):
+    env = env_for(
+        PSQ_FRONTEND=f"ipc://{ipc_dir}/f",
+        PSQ_BACKEND=f"ipc://{ipc_dir}/b",
+        PSQ_RUN_DIR=str(tmp_path / "run"),
+        PSQ_EPOCHS="50",
+    )
+    (tmp_path / "Procfile").write_text((ROOT / "Procfile").read_text())
+    honcho = subprocess.Popen(
+        [sys.executable, "-m", "honcho", "start"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    wait_until(lambda: _updates(f"ipc://{ipc_dir}/f") > 20, timeout_s=120, what="training to be under way")
+    family = descendants(honcho.pid)
+    t0 = time.monotonic()
+    honcho.send_signal(signal.SIGTERM)
+    output = honcho.communicate(timeout=60)[0]
+    assert "workers.1 stopped" in output and "broker.1 stopped (rc=0)" in output, output[-2000:]
+    wait_until(lambda: not alive(family), timeout_s=10, what="every process of the job to be gone")
+    assert time.monotonic() - t0 < 30  # a liveness bound: nothing waited out its full timeout
+
+
+def _updates(frontend: str) -> int:
+    from psq.status import StatusError
+
+    try:
+        shard_reports = query(frontend, 0.5)["shard_reports"]
+    except StatusError:
+        return 0
+    return sum(r.get("updates", 0) for r in shard_reports.values())
+
+
+def test_bad_trainer_settings_are_refused():
+    out = run_psq("worker", "--norm", "batch")
+    assert out.returncode == 2 and "expected one of psq, local, syncbn, got 'batch'" in out.stderr
+    out = subprocess.run(
+        [sys.executable, "-m", "psq", "worker"],
+        env=env_for(PSQ_EPOCHS="-3"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2 and "PSQ_EPOCHS: expected a positive integer" in out.stderr
+
+
+def test_bench_accuracy_writes_its_table_and_plot(tmp_path):
+    out = run_psq(
+        "bench",
+        "accuracy",
+        "--settings",
+        "a",
+        "--seeds",
+        "1",
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path),
+        "--json",
+        timeout_s=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert [row[1] for row in result["rows"]] == ["local", "syncbn", "psq", "single"]
+    assert all(re.fullmatch(r"\d+\.\d\d ± \d+\.\d\d", row[2]) for row in result["rows"])
+    png = tmp_path / "accuracy.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(json.loads((tmp_path / "accuracy.json").read_text())) == {"a/local", "a/syncbn", "a/psq", "a/single"}

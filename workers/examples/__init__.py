@@ -1,0 +1,1 @@
+"""Short, runnable examples of embedding psq in one's own training code."""
