@@ -213,13 +213,18 @@ class TrainSettings:
     batch: int = setting(1, "per-worker batch size", positive_int)
     lr: float = setting(0.05, "peak learning rate (SGD, momentum 0.9, cosine schedule)", positive_float)
     seed: int = setting(0, "seed of the model, the shards and the batch order", non_negative_int)
-    history_weight: float = setting(0.9, "psq: the history's largest share of the statistics", unit_interval)
+    history_weight: float = setting(0.75, "psq: the history's largest share of the statistics", unit_interval)
     sharding: str = setting(
         "iid", "how training images are dealt to workers: iid, skewed, split", choice("iid", "skewed", "split")
     )
     run_dir: Path = setting(Path("runs/latest"), "folder for the weights and the summary", Path)
     job: str | None = setting(None, "job name on the statistics service (default: digits-<run id>)", name)
     wait_for_service_s: float = setting(30.0, "psq: how long to wait for the service before training", positive_float)
+    push_interval_s: float = setting(
+        0.0, "psq: least time between two pushes (steps in between are merged)", non_negative_float
+    )
+    secret_key: Path | None = setting(None, "this worker's CurveZMQ secret key file", optional_path)
+    server_key: Path | None = setting(None, "the broker's CurveZMQ public key file", optional_path)
 
 
 SETTINGS = (BrokerSettings, AggregatorSettings, StatusSettings, TrainSettings)
