@@ -32,7 +32,7 @@ log = logging.getLogger("psq.aggregator")
 
 TICK_S = 0.05
 DRAIN_LIMIT = 64
-HWM = 1000
+HWM = 100  # replies queued for the broker at most: 21 MB of ResNet-50-sized answers
 
 
 class ShardTaken(Exception):
@@ -122,7 +122,7 @@ class Aggregator:
         try:
             msg = protocol.decode(frames[1:], self.settings.max_message_bytes)
             self.counters.messages[msg.command.name] += 1
-            self.counters.bytes_in += sum(len(f) for f in frames)
+            self.counters.bytes[msg.command.name] += sum(len(f) for f in frames)
             if msg.command is Command.STATUS:
                 protocol.parse_status(msg)
                 self._send(route, protocol.encode_report(self.report(), self.shard))

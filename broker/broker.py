@@ -26,7 +26,7 @@ from zmq.utils.monitor import recv_monitor_message
 from broker.shards import Refused, ShardTable
 from psq import protocol
 from psq.config import BrokerSettings
-from psq.counters import Counters
+from psq.counters import Counters, Histogram
 from psq.protocol import BROKER_KEY, Command, ErrorCode, ProtocolError
 from psq.security import AGGREGATORS_DOMAIN, HANDSHAKE_EVENTS, WORKERS_DOMAIN, BrokerAuth, check_bind, handshake_failure
 from psq.sockets import drain, tune
@@ -37,7 +37,8 @@ TICK_S = 0.1  # clock resolution for liveness; also bounds how long a stop reque
 DRAIN_LIMIT = 256  # messages taken from one socket before looking at the other
 WORKER_SEEN_S = 60.0  # a worker counts as "seen recently" this long after its last message
 MAX_TRACKED_WORKERS = 100_000
-_ROUTED = (Command.PUSH, Command.STATUS)  # what a worker may send to a shard
+_ROUTED = (Command.PUSH, Command.STATUS)
+RTT_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)  # what a worker may send to a shard
 
 
 class Broker:
@@ -53,6 +54,8 @@ class Broker:
         self._frontend: zmq.Socket | None = None
         self._backend: zmq.Socket | None = None
         self._monitors: dict[zmq.Socket, str] = {}  # handshake monitors -> the side they watch
+        self.round_trips = Histogram(RTT_BUCKETS_S)
+        self._forwarded: dict[bytes, float] = {}  # worker identity + shard -> when its request left
 
     def run(self, should_stop: Callable[[], bool], ready: Callable[[], None] | None = None) -> None:
         """Serve until ``should_stop()`` turns true (checked at least every tick).
@@ -154,6 +157,8 @@ class Broker:
             self._reply_error(identity, ErrorCode.NO_SHARD, f"no live aggregator owns shard {key}", key)
             return
         self._backend.send_multipart([owner, frames[0], *frames[1:]], copy=False)
+        if len(self._forwarded) < MAX_TRACKED_WORKERS:
+            self._forwarded[identity + key.to_bytes(2, "little")] = now
 
     def _check(self, frames: list[zmq.Frame]) -> tuple[Command, int]:
         if not 3 <= len(frames) <= protocol.MAX_FRAMES + 1:
@@ -161,7 +166,6 @@ class Broker:
                 ErrorCode.FRAMES, f"a message has 2..{protocol.MAX_FRAMES} frames, got {len(frames) - 1}"
             )
         size = sum(len(f) for f in frames)
-        self.counters.bytes_in += size
         if size > self.settings.max_message_bytes:
             raise ProtocolError(
                 ErrorCode.OVERSIZED, f"message of {size} bytes exceeds {self.settings.max_message_bytes}"
@@ -172,6 +176,7 @@ class Broker:
             parsed = protocol.parse_envelope(raw)  # raises for a bad one, which is not cached
             if len(self._envelopes) < 4 * protocol.MAX_SHARDS:
                 self._envelopes[raw] = parsed
+        self.counters.bytes[parsed[0].name] += size
         return parsed
 
     def _answer(self, identity: bytes, command: Command, frames: list[zmq.Frame], now: float) -> None:
@@ -211,9 +216,21 @@ class Broker:
         elif self.table.is_aggregator(aggregator):
             self.counters.messages["REPLY"] += 1
             self._frontend.send_multipart(frames[1:], copy=False)
+            self._time_reply(frames, now)
         else:
             # Replies only come from aggregators that announced themselves.
             self.counters.errors["unannounced"] += 1
+
+    def _time_reply(self, frames: list[zmq.Frame], now: float) -> None:
+        """The round trip through the aggregator: from forwarding the request to its reply.  The
+        reply's envelope names the shard (bytes 4-5) without decoding anything else."""
+        envelope = frames[2].bytes if len(frames) > 2 else b""
+        sent = self._forwarded.pop(frames[1].bytes + envelope[4:6], None)
+        if sent is not None:
+            self.round_trips.observe(now - sent)
+
+    def workers_seen(self) -> int:
+        return len(self._workers)
 
     def _on_control(self, aggregator: bytes, frames: list[zmq.Frame], now: float) -> None:
         try:
@@ -250,6 +267,9 @@ class Broker:
         stale = [k for k, v in self._workers.items() if now - v[2] > WORKER_SEEN_S]
         for k in stale:
             del self._workers[k]
+        lost = [k for k, t in self._forwarded.items() if now - t > WORKER_SEEN_S]  # never answered
+        for k in lost:
+            del self._forwarded[k]
 
     def report(self, now: float) -> dict[str, Any]:
         workers = [{"job": j, "worker": w, "last_seen_s": round(now - t, 3)} for j, w, t in self._workers.values()]

@@ -12,6 +12,7 @@ Every push is validated before it touches anything (:mod:`psq.protocol` checks t
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -54,6 +55,7 @@ class JobState:
         self.mean = np.zeros(0)
         self.var = np.zeros(0)
         self.versions = np.zeros(0, np.uint64)
+        self.updated = np.zeros(0)  # time.monotonic() of each layer's last update, 0 before any
         self.placements: dict[bytes, Placement] = {}
 
     def conflicts(self, layout: Layout) -> str | None:
@@ -89,6 +91,7 @@ class JobState:
         if len(self.names) > self.versions.size:
             capacity = max(16, 2 * self.versions.size)
             self.counts, self.versions = _grown(self.counts, capacity), _grown(self.versions, capacity)
+            self.updated = _grown(self.updated, capacity)
 
     def _placement(self, layout: Layout) -> Placement:
         layer_pos = np.array([self.index[n] for n in layout.names], dtype=np.intp)
@@ -185,6 +188,7 @@ class Store:
         accumulate_into(h, batch, placement.layout.widths, placement.scratch, self.half_life)
         job.put(placement, h)
         job.versions[placement.layers] += np.uint64(1)
+        job.updated[placement.layers] = time.monotonic()
         self.updates += 1
         self.dirty = True
 

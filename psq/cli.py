@@ -56,7 +56,19 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--steps", type=_positive_int, default=20, help="steps per method per round (default 20)")
     step.add_argument("--rounds", type=_positive_int, default=5, help="timed rounds (default 5)")
     step.add_argument("--batch", type=_positive_int, default=8, help="per-worker batch (default 8)")
+    step.add_argument(
+        "--delays-ms",
+        type=_delays,
+        default=None,
+        help="one-way delays to run across, e.g. 0,0.5,2 (needs root: network namespaces)",
+    )
     step.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    load = benches.add_parser("load", help="many simulated workers through 1, 2 and 4 shards")
+    load.add_argument("--step-ms", type=_positive_int, default=250, help="simulated step time (default 250)")
+    load.add_argument("--seconds", type=float, default=5.0, help="seconds per measurement (default 5)")
+    load.add_argument("--max-workers", type=_positive_int, default=512, help="stop there (default 512)")
+    load.add_argument("--shards", type=_choices("124"), default="124", help="shard counts to try (default 124)")
+    load.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     acc = benches.add_parser("accuracy", help="test accuracy on digits: local BN, synchronized BN, psq")
     acc.add_argument("--settings", type=_choices("abc"), default="abc", help="which of settings a, b, c (default abc)")
     acc.add_argument("--seeds", type=_positive_int, default=3, help="seeds per setting and method (default 3)")
@@ -102,22 +114,32 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         from workers import train
 
         return train.main(config.load(TrainSettings, args, os.environ))
-    if args.command == "bench" and args.bench == "codec":
+    if args.command == "bench":
+        _bench(args)
+        return 0
+    parser.print_help(sys.stderr)
+    return 2
+
+
+def _bench(args: argparse.Namespace) -> None:
+    """The benchmarks; each module is imported only when asked for (some need torch)."""
+    if args.bench == "codec":
         from psq.bench import codec
 
         codec.run(args.rounds, args.per_round, args.json)
-        return 0
-    if args.command == "bench" and args.bench == "transport":
+    elif args.bench == "transport":
         from psq.bench import transport
 
         transport.run(args.round_trips, args.seconds, args.json)
-        return 0
-    if args.command == "bench" and args.bench == "step":
+    elif args.bench == "load":
+        from psq.bench import load
+
+        load.run(tuple(int(c) for c in args.shards), args.step_ms / 1000, args.seconds, args.max_workers, args.json)
+    elif args.bench == "step":
         from workers import step_bench
 
-        step_bench.run(args.steps, args.rounds, args.batch, args.json)
-        return 0
-    if args.command == "bench" and args.bench == "accuracy":
+        step_bench.run(args.steps, args.rounds, args.batch, args.json, args.delays_ms)
+    elif args.bench == "accuracy":
         from workers import accuracy_bench
 
         accuracy_bench.run(
@@ -129,9 +151,6 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             args.out,
             args.json,
         )
-        return 0
-    parser.print_help(sys.stderr)
-    return 2
 
 
 def _until_signalled(serve: Callable[[Callable[[], bool]], None]) -> None:
@@ -147,8 +166,11 @@ def _broker(settings: BrokerSettings) -> int:
 
     from broker.broker import Broker
 
+    broker = Broker(settings)
     try:
-        _until_signalled(Broker(settings).run)
+        if settings.metrics_port:
+            _serve_metrics(settings.metrics_port, "BrokerCollector", broker)
+        _until_signalled(broker.run)
     except zmq.ZMQError as exc:
         print(f"psq broker: cannot bind {settings.frontend} / {settings.backend}: {exc}", file=sys.stderr)
         return 1
@@ -160,11 +182,25 @@ def _aggregator(settings: AggregatorSettings) -> int:
     from broker.snapshot import SnapshotError
 
     try:
-        _until_signalled(Aggregator(settings).run)
+        aggregator = Aggregator(settings)
+        if settings.metrics_port:
+            _serve_metrics(settings.metrics_port, "AggregatorCollector", aggregator)
+        _until_signalled(aggregator.run)
     except (SnapshotError, ShardTaken) as exc:
         print(f"psq aggregator: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _serve_metrics(port: int, collector: str, service: object) -> None:
+    try:
+        from broker import metrics
+    except ImportError as exc:
+        raise SettingsError(f"--metrics-port needs prometheus-client (pip install 'psq[metrics]'): {exc}") from None
+    try:
+        metrics.serve(port, getattr(metrics, collector)(service))
+    except OSError as exc:
+        raise SettingsError(f"cannot serve metrics on 127.0.0.1:{port}: {exc}") from None
 
 
 def _status(settings: StatusSettings, as_json: bool) -> int:
@@ -179,6 +215,16 @@ def _status(settings: StatusSettings, as_json: bool) -> int:
         return 1
     print(json.dumps(report, indent=2) if as_json else render(report))
     return 0
+
+
+def _delays(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated milliseconds like 0,0.5,2, got {text!r}") from None
+    if not values or any(not 0 <= v <= 1000 for v in values):
+        raise argparse.ArgumentTypeError(f"delays must be between 0 and 1000 ms, got {text!r}")
+    return values
 
 
 def _key_name(text: str) -> str:

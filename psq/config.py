@@ -154,7 +154,7 @@ class BrokerSettings:
     heartbeat_s: float = setting(1.0, "aggregator heartbeat interval in seconds", positive_float)
     liveness: int = setting(3, "missed heartbeats after which an aggregator counts as gone", positive_int)
     max_message_bytes: int = setting(DEFAULT_MAX_BYTES, "largest message accepted, in bytes", positive_int)
-    hwm: int = setting(1000, "high-water mark (messages queued per peer) of each socket", positive_int)
+    hwm: int = setting(100, "high-water mark (messages queued per peer) of each socket: bounds memory", positive_int)
     secret_key: Path | None = setting(None, "the broker's CurveZMQ secret key file (psq keys generate)", optional_path)
     worker_keys: Path | None = setting(None, "folder of the public key files of allowed workers", optional_path)
     aggregator_keys: Path | None = setting(None, "folder of the public key files of allowed aggregators", optional_path)

@@ -6,6 +6,7 @@ tick; rates come from the samples, so reading them costs the hot path nothing.
 
 from __future__ import annotations
 
+import bisect
 from collections import Counter, deque
 
 
@@ -13,7 +14,7 @@ class Counters:
     def __init__(self, window_s: float = 10.0) -> None:
         self.messages: Counter[str] = Counter()  # by command
         self.errors: Counter[str] = Counter()  # by error code
-        self.bytes_in = 0
+        self.bytes: Counter[str] = Counter()  # received, by command
         self._window_s = window_s
         self._samples: deque[tuple[float, int, int]] = deque()
 
@@ -35,7 +36,28 @@ class Counters:
         return {
             "messages": dict(self.messages),
             "errors": dict(self.errors),
-            "bytes_in": self.bytes_in,
+            "bytes": dict(self.bytes),
             "messages_per_s": round(per_s, 2),
             "errors_per_s": round(errors_per_s, 2),
         }
+
+
+class Histogram:
+    """Fixed buckets, cumulative at read time: one bisect per observation on the hot path."""
+
+    def __init__(self, edges: tuple[float, ...]) -> None:
+        self.edges = edges
+        self.counts = [0] * (len(edges) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.edges, value)] += 1
+        self.total += value
+
+    def buckets(self) -> list[tuple[str, int]]:
+        """Prometheus style: (upper bound, observations at or below it), ending with +Inf."""
+        out, running = [], 0
+        for edge, count in zip((*map(str, self.edges), "+Inf"), self.counts):
+            running += count
+            out.append((edge, running))
+        return out

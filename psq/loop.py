@@ -115,6 +115,8 @@ class WorkerLoop:
             "answered": 0,
             "unavailable": 0,
             "rejected": 0,
+            "staleness_waits": 0,
+            "staleness_timeouts": 0,
             "staleness_sum": 0,
             "staleness_n": 0,
         }
@@ -212,8 +214,17 @@ class WorkerLoop:
     def current_step(self) -> int:
         return self._step
 
+    def enter(self, name: str) -> None:
+        """A layer begins its forward: if it already reported in the current step, that step is
+        over (closed and pushed), so the layer measures staleness against the new step."""
+        self._check_process()
+        with self._lock:
+            if name in self._current and self.auto_step:
+                self._close_step()
+
     def submit(self, name: str, stats: Submission) -> None:
-        """Add one layer's statistics to the current step; never waits."""
+        """Add one layer's statistics to the current step (closing it first, as :meth:`enter`,
+        if the layer already reported in it); never waits."""
         self._check_process()
         with self._lock:
             if name in self._current and self.auto_step:
@@ -257,12 +268,14 @@ class WorkerLoop:
         self._forbid_loop_thread("wait for fresher history")
         deadline = time.monotonic() + self.staleness_timeout_s
         with self._lock:
+            self._counters["staleness_waits"] += 1
             while self._outstanding > 0:
                 h = self._histories.get(name)
                 if h is not None and h.step >= min_step:
                     return
                 left = deadline - time.monotonic()
                 if left <= 0:
+                    self._counters["staleness_timeouts"] += 1
                     return
                 self._lock.wait(left)
 

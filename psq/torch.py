@@ -133,6 +133,7 @@ class PSBatchNorm(_BatchNorm):
         count = float(x.numel() // x.size(1))
         if self.loop.mode == "sync":
             return self._sync_forward(x, count)
+        self.loop.enter(self.name)
         history = self._fresh_history(x.device)
         if history is None:
             return self._blend(x, 0.0, None, None, count, no_history=True)

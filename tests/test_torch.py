@@ -167,9 +167,9 @@ def test_a_training_script_keeps_stepping_while_the_broker_restarts(cluster, spa
         assert loop.flush(10)
         before = loop.history("1").version
         c.broker.kill(signal.SIGKILL)
-        t0 = time.monotonic()
         train(20)  # nothing waits on the absent broker
-        assert time.monotonic() - t0 < 30  # a liveness bound, not a speed target
+        assert loop.flush(20)
+        assert loop.summary()["unavailable"] >= 1  # these steps trained on without answers
         spawn("broker", "--frontend", c.endpoints.frontend, "--backend", c.endpoints.backend)
         deadline = time.monotonic() + 30
         while loop.history("1").version <= before and time.monotonic() < deadline:
@@ -286,3 +286,34 @@ def test_distributed_data_parallel_trains_and_buffers_hold_each_ranks_cluster_hi
             np.testing.assert_allclose(
                 r["state"][f"{name}.running_var"].numpy(), unbiased_var(Moments(count, mean, var)), rtol=1e-5
             )
+
+
+def test_max_staleness_bounds_the_age_of_the_history_used(cluster):
+    c = cluster(1)
+    ages = {}
+    for bound in (None, 1):
+        with WorkerLoop(c.endpoints.frontend, job=f"stale-{bound}", worker="w0", staleness_timeout_s=2.0) as loop:
+            layer = PSBatchNorm(4, max_staleness=bound, name="bn", loop=loop)
+            for _ in range(40):
+                layer(torch.randn(2, 4, 3, 3))
+            ages[bound] = loop.summary()["mean_staleness_steps"]
+    assert ages[1] <= 1.0  # every step waited (briefly) for the previous step's history
+    assert ages[None] >= ages[1]
+
+
+def test_max_staleness_waits_only_up_to_its_timeout_when_the_service_stalls(cluster):
+    c = cluster(1)
+    with WorkerLoop(c.endpoints.frontend, job="stall", worker="w0", staleness_timeout_s=0.2, timeout_s=5) as loop:
+        layer = PSBatchNorm(4, max_staleness=1, name="bn", loop=loop)
+        for _ in range(3):
+            layer(torch.randn(2, 4, 3, 3))
+        before = loop.summary()["staleness_timeouts"]
+        c.aggregators[0].kill(signal.SIGSTOP)
+        try:
+            for _ in range(5):
+                y = layer(torch.randn(2, 4, 3, 3))  # each waits at most 0.2 s, then goes on
+        finally:
+            c.aggregators[0].kill(signal.SIGCONT)
+        stalled = loop.summary()["staleness_timeouts"] - before
+    assert torch.isfinite(y).all()
+    assert stalled >= 4  # the steps gave up waiting at their timeout and trained on

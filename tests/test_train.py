@@ -9,7 +9,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -214,12 +213,10 @@ def test_sigterm_to_honcho_mid_training_leaves_no_process_behind(ipc_dir, tmp_pa
     )
     wait_until(lambda: _updates(f"ipc://{ipc_dir}/f") > 20, timeout_s=120, what="training to be under way")
     family = descendants(honcho.pid)
-    t0 = time.monotonic()
     honcho.send_signal(signal.SIGTERM)
     output = honcho.communicate(timeout=60)[0]
     assert "workers.1 stopped" in output and "broker.1 stopped (rc=0)" in output, output[-2000:]
     wait_until(lambda: not alive(family), timeout_s=10, what="every process of the job to be gone")
-    assert time.monotonic() - t0 < 30  # a liveness bound: nothing waited out its full timeout
 
 
 def _updates(frontend: str) -> int:

@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from psq.bench.services import cluster
 from psq.bench.timing import emit
-from psq.bench.transport import cluster
 from psq.config import TrainSettings
 from workers import train
 

@@ -15,11 +15,15 @@ All three use ``broadcast_buffers=False``, so no method pays for a buffer broadc
 
 from __future__ import annotations
 
+import argparse
 import copy
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,8 +32,8 @@ import torch.multiprocessing as tmp
 import torch.nn.functional as F
 from torch import nn
 
+from psq.bench.services import cluster
 from psq.bench.timing import emit
-from psq.bench.transport import cluster
 from psq.loop import WorkerLoop
 from psq.torch import convert_batchnorm, ddp_buffer_sync
 from workers.models import small_resnet
@@ -44,6 +48,7 @@ def _models(frontend: str, rank: int) -> tuple[dict[str, nn.Module], WorkerLoop]
     torch.manual_seed(0)
     base = small_resnet()
     loop = WorkerLoop(frontend, job="bench-step", worker=f"rank{rank}").start()
+    loop.wait_ready(30.0)
     models = {
         "plain": copy.deepcopy(base),
         "syncbn": SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(base)),
@@ -84,8 +89,7 @@ def _worker(rank: int, rendezvous: str, frontend: str, out: str, steps: int, rou
     dist.destroy_process_group()
 
 
-def run(steps: int = 20, rounds: int = 5, batch: int = 8, as_json: bool = False) -> dict[str, float]:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+def _measure_local(steps: int, rounds: int, batch: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as folder, cluster(1) as frontend:
         out = Path(folder) / "times.pt"
         tmp.start_processes(
@@ -95,22 +99,113 @@ def run(steps: int = 20, rounds: int = 5, batch: int = 8, as_json: bool = False)
             join=True,
             start_method="spawn",
         )
-        result = torch.load(out, weights_only=False)
-    medians = {k: float(np.median(v)) for k, v in result["times"].items()}
-    rows = [
-        [k, medians[k] * 1e3, float(np.percentile(result["times"][k], 90)) * 1e3, medians[k] / medians["plain"]]
-        for k in METHODS
-    ]
-    loop = result["loop"]
+        return torch.load(out, weights_only=False)
+
+
+def _measure_delayed(delay_ms: float, steps: int, rounds: int, batch: int) -> dict[str, Any]:
+    """Each worker in its own network namespace, broker and aggregator in a third, every pair
+    ``delay_ms`` apart one way (:mod:`psq.bench.netdelay`)."""
+    from psq.bench.netdelay import link
+
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "psq0", "OMP_NUM_THREADS": "1", "PSQ_LOG_LEVEL": "WARNING"}
+    with tempfile.TemporaryDirectory() as folder, link(3, delay_ms) as net:
+        out = Path(folder) / "times.pt"
+        frontend = f"tcp://{net.address(2)}:5555"
+        service = [
+            subprocess.Popen(net.command(2, [sys.executable, "-m", "psq", *args]), env=env)
+            for args in (
+                ["broker", "--frontend", frontend, "--backend", "tcp://127.0.0.1:5556", "--insecure"],
+                ["aggregator", "--backend", "tcp://127.0.0.1:5556"],
+            )
+        ]
+        try:
+            ranks = [
+                subprocess.Popen(
+                    net.command(
+                        r,
+                        [
+                            sys.executable,
+                            "-m",
+                            "workers.step_bench",
+                            "--rank",
+                            str(r),
+                            "--rendezvous",
+                            f"tcp://{net.address(0)}:29500",
+                            "--frontend",
+                            frontend,
+                            "--out",
+                            str(out),
+                            "--steps",
+                            str(steps),
+                            "--rounds",
+                            str(rounds),
+                            "--batch",
+                            str(batch),
+                        ],
+                    ),
+                    env=env,
+                )
+                for r in range(WORKERS)
+            ]
+            codes = [p.wait(timeout=1800) for p in ranks]
+            if codes != [0] * WORKERS:
+                raise RuntimeError(f"the delayed step benchmark's ranks exited with {codes}")
+            return torch.load(out, weights_only=False)
+        finally:
+            for p in service:
+                p.terminate()
+                p.wait(10)
+
+
+def run(
+    steps: int = 20, rounds: int = 5, batch: int = 8, as_json: bool = False, delays_ms: tuple[float, ...] | None = None
+) -> dict[str, Any]:
+    """Plain, synchronized and psq batch norm, on loopback, or across the delay link for each of
+    ``delays_ms`` (one-way, between the workers and between workers and the broker)."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    cases = (
+        {"loopback": _measure_local(steps, rounds, batch)}
+        if delays_ms is None
+        else {f"{d:g} ms": _measure_delayed(d, steps, rounds, batch) for d in delays_ms}
+    )
+    rows, medians = [], {}
+    for case, result in cases.items():
+        m = medians[case] = {k: float(np.median(v)) for k, v in result["times"].items()}
+        rows += [
+            [case, k, m[k] * 1e3, float(np.percentile(result["times"][k], 90)) * 1e3, m[k] / m["plain"]]
+            for k in METHODS
+        ]
+    loops = {case: r["loop"] for case, r in cases.items()}
     emit(
         f"psq bench step: small ResNet, 3x32x32, batch {batch} per worker, {WORKERS} DDP workers (gloo, CPU, "
         "1 thread each)",
-        ["batch norm", "ms/step p50", "ms/step p90", "x plain"],
+        ["link", "batch norm", "ms/step p50", "ms/step p90", "x plain"],
         rows,
         as_json,
         steps_timed=rounds * steps,
-        syncbn_over_psq=round(medians["syncbn"] / medians["psq"], 3),
-        psq_mean_staleness_steps=loop["mean_staleness_steps"],
-        psq_unavailable=loop["unavailable"],
+        syncbn_over_psq={case: round(m["syncbn"] / m["psq"], 3) for case, m in medians.items()},
+        psq_mean_staleness_steps={c: loop["mean_staleness_steps"] for c, loop in loops.items()},
+        psq_unavailable={c: loop["unavailable"] for c, loop in loops.items()},
     )
     return medians
+
+
+def main(argv: list[str] | None = None) -> None:
+    """One rank, started inside a network namespace by :func:`_measure_delayed`."""
+    parser = argparse.ArgumentParser(prog="python -m workers.step_bench")
+    for flag, kind in (
+        ("--rank", int),
+        ("--rendezvous", str),
+        ("--frontend", str),
+        ("--out", str),
+        ("--steps", int),
+        ("--rounds", int),
+        ("--batch", int),
+    ):
+        parser.add_argument(flag, type=kind, required=True)
+    a = parser.parse_args(argv)
+    _worker(a.rank, a.rendezvous, a.frontend, a.out, a.steps, a.rounds, a.batch)
+
+
+if __name__ == "__main__":
+    main()

@@ -53,6 +53,7 @@ class Stopped(Exception):
 class RankStats:
     steps: int = 0
     seconds: float = 0.0
+    max_step_s: float = 0.0  # the longest step: what an outage or a stalled peer cost
     loop: dict[str, Any] = field(default_factory=dict)
 
 
@@ -156,12 +157,14 @@ def _train(
         for idx in np.concatenate(per_rank, axis=1):
             if stop.is_set():
                 raise Stopped(f"rank {ranks[0]} stopped at step {stats.steps}")
+            started = time.perf_counter()
             loss = F.cross_entropy(net(data.train_x[idx]), data.train_y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             schedule.step()
             stats.steps += 1
+            stats.max_step_s = max(stats.max_step_s, time.perf_counter() - started)
             bar.update(1)
         if loop is not None:
             loop.flush(10.0)

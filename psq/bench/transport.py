@@ -14,24 +14,19 @@ All over tcp on loopback, every process on this machine.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import zmq
 
 from psq import protocol
+from psq.bench.services import cluster, free_address, processes
 from psq.bench.shapes import random_stats, resnet50_layout
 from psq.bench.timing import emit
 from psq.client import StatsClient
 from psq.layout import Layout
 from psq.stats import Moments
-from psq.status import StatusError, query
 
 CLIENTS = 4  # concurrent clients for the sustained rate
 
@@ -47,30 +42,6 @@ def cases() -> list[Case]:
         Case("resnet50 (53 layers, 26,560 ch)", resnet50_layout()),
         Case("small (1 layer, 64 ch)", Layout(("bn",), (64,))),
     ]
-
-
-def _port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
-
-
-@contextlib.contextmanager
-def _processes(*commands: list[str]) -> Iterator[None]:
-    procs = [
-        subprocess.Popen([sys.executable, "-m", *c], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for c in commands
-    ]
-    try:
-        yield
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                p.kill()
 
 
 def _stats(layout: Layout) -> dict[str, Moments]:
@@ -90,9 +61,9 @@ def _frames(layout: Layout) -> list[bytes]:
 def floor(layout: Layout, round_trips: int, seconds: float) -> tuple[np.ndarray, float]:
     """(round-trip seconds, one-way messages per second) of the same frames through zmq.proxy."""
     frames = _frames(layout)
-    front, back = _port(), _port()
+    front, back = free_address(), free_address()
     ctx = zmq.Context.instance()
-    with _processes(["psq.bench.floor", "proxy", front, back], ["psq.bench.floor", "echo", back]):
+    with processes(["psq.bench.floor", "proxy", front, back], ["psq.bench.floor", "echo", back]):
         sock = ctx.socket(zmq.DEALER)
         sock.connect(front)
         try:
@@ -100,7 +71,7 @@ def floor(layout: Layout, round_trips: int, seconds: float) -> tuple[np.ndarray,
             rtt = _echo(sock, frames, round_trips)
         finally:
             sock.close(linger=0)
-    with _processes(["psq.bench.floor", "proxy", front, back], ["psq.bench.floor", "sink", back]):
+    with processes(["psq.bench.floor", "proxy", front, back], ["psq.bench.floor", "sink", back]):
         rate = _one_way_rate(ctx, front, frames, seconds)
     return rtt, rate
 
@@ -143,30 +114,6 @@ def _marker(sock: zmq.Socket) -> None:
 
 
 # -- psq ------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def cluster(shards: int, *aggregator_args: str) -> Iterator[str]:
-    """A broker and ``shards`` aggregators on fresh loopback ports; yields the frontend address."""
-    front, back = _port(), _port()
-    commands = [["psq", "broker", "--frontend", front, "--backend", back]]
-    commands += [
-        ["psq", "aggregator", "--shard", f"{i}/{shards}", "--backend", back, *aggregator_args] for i in range(shards)
-    ]
-    with _processes(*commands):
-        deadline = time.monotonic() + 30
-        while len(_live(front)) < shards:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{shards} aggregators did not register within 30 s")
-            time.sleep(0.05)
-        yield front
-
-
-def _live(front: str) -> list[int]:
-    try:
-        return [a["shard"] for a in query(front, 0.5)["aggregators"] if a["alive"]]
-    except StatusError:
-        return []
 
 
 async def psq_round_trips(front: str, layout: Layout, n: int) -> np.ndarray:
