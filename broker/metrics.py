@@ -1,7 +1,9 @@
 """Prometheus metrics for the broker and the aggregator (``--metrics-port``).
 
 Collectors read the services' own counters when Prometheus scrapes, so the hot paths pay
-nothing for them.  The HTTP server listens on loopback only.
+nothing for them.  They run on the HTTP server's thread while the service changes its state:
+each mapping is copied in one call (atomic under the GIL) and arrays are read up to the
+length they all have.  The HTTP server listens on loopback only.
 """
 
 from __future__ import annotations
@@ -29,15 +31,15 @@ def serve(port: int, collector: Any) -> CollectorRegistry:
 
 def _traffic(role: str, counters: Counters) -> Iterator[Any]:
     messages = CounterMetricFamily("psq_messages", "Messages handled, by command", labels=["role", "command"])
-    for command, n in counters.messages.items():
+    for command, n in list(counters.messages.items()):
         messages.add_metric([role, command], n)
     yield messages
     sizes = CounterMetricFamily("psq_bytes", "Bytes received, by command", labels=["role", "command"])
-    for command, n in counters.bytes.items():
+    for command, n in list(counters.bytes.items()):
         sizes.add_metric([role, command], n)
     yield sizes
     errors = CounterMetricFamily("psq_errors", "Refused or failed messages, by code", labels=["role", "code"])
-    for code, n in counters.errors.items():
+    for code, n in list(counters.errors.items()):
         errors.add_metric([role, code], n)
     yield errors
 
@@ -76,10 +78,11 @@ class AggregatorCollector:
         count = GaugeMetricFamily("psq_layer_count", "A layer's history count (decayed samples)", labels=labels)
         age = GaugeMetricFamily("psq_layer_staleness_seconds", "Seconds since a layer's last update", labels=labels)
         shard, now = str(a.shard), time.monotonic()
-        for job_name, job in a.store.jobs.items():
-            for i, layer in enumerate(job.names):
-                key = [shard, job_name, layer]
-                version.add_metric(key, float(job.versions[i]))
-                count.add_metric(key, float(job.counts[i]))
-                age.add_metric(key, now - job.updated[i] if job.updated[i] else float("nan"))
+        for job_name, job in list(a.store.jobs.items()):
+            names, versions, counts, updated = list(job.names), job.versions, job.counts, job.updated
+            for i in range(min(len(names), versions.size, counts.size, updated.size)):
+                key = [shard, job_name, names[i]]
+                version.add_metric(key, float(versions[i]))
+                count.add_metric(key, float(counts[i]))
+                age.add_metric(key, now - updated[i] if updated[i] else float("nan"))
         yield from (version, count, age)

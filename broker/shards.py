@@ -60,7 +60,8 @@ class ShardTable:
         return any(o.identity == identity for o in self._owners.values())
 
     def live(self, now: float) -> dict[int, Owner]:
-        return {s: o for s, o in self._owners.items() if now - o.last_seen <= self.timeout_s}
+        # a copy first: the metrics thread reads this while the broker thread updates the table
+        return {s: o for s, o in list(self._owners.items()) if now - o.last_seen <= self.timeout_s}
 
     def shard_count(self, now: float) -> int | None:
         """How many shards the live aggregators split the statistics into, if any is live."""

@@ -88,6 +88,8 @@ def load(path: Path, shard: int, shards: int, half_life: float) -> Store | None:
         data = path.read_bytes()
     except FileNotFoundError:
         return None
+    except OSError as exc:  # a folder, no permission: say so, keep the file
+        raise SnapshotError(f"cannot read snapshot {path}: {exc}") from None
     try:
         return loads(data, shard, shards, half_life)
     except SnapshotError as exc:

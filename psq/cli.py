@@ -38,24 +38,34 @@ def build_parser() -> argparse.ArgumentParser:
     keys = commands.add_parser("keys", help="CurveZMQ key pairs").add_subparsers(dest="keys", required=True)
     generate = keys.add_parser("generate", help="write NAME.key (public) and NAME.key_secret into DIR")
     generate.add_argument("dir", type=Path, help="folder for the key files")
-    generate.add_argument("name", type=_key_name, help="the key pair's name (letters, digits, '.', '_', '-')")
+    generate.add_argument(
+        "name", type=_checked(config.name), help="the key pair's name (letters, digits, '.', '_', '-')"
+    )
     status = commands.add_parser("status", help="what the broker and the aggregators hold")
     config.add_arguments(status, StatusSettings)
     status.add_argument("--json", action="store_true", help="print the report as JSON")
     bench = commands.add_parser("bench", help="benchmarks, each side by side with its reference")
     benches = bench.add_subparsers(dest="bench", metavar="BENCH", required=True)
     codec = benches.add_parser("codec", help="encode + decode of one step of ResNet-50 statistics")
-    codec.add_argument("--rounds", type=_positive_int, default=30, help="timed rounds (default 30)")
-    codec.add_argument("--per-round", type=_positive_int, default=200, help="messages per round (default 200)")
+    codec.add_argument("--rounds", type=_checked(config.positive_int), default=30, help="timed rounds (default 30)")
+    codec.add_argument(
+        "--per-round", type=_checked(config.positive_int), default=200, help="messages per round (default 200)"
+    )
     codec.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     transport = benches.add_parser("transport", help="round trips and pushes/s through broker and aggregators")
-    transport.add_argument("--round-trips", type=_positive_int, default=300, help="timed round trips (default 300)")
-    transport.add_argument("--seconds", type=float, default=3.0, help="seconds per rate measurement (default 3)")
+    transport.add_argument(
+        "--round-trips", type=_checked(config.positive_int), default=300, help="timed round trips (default 300)"
+    )
+    transport.add_argument(
+        "--seconds", type=_checked(config.positive_float), default=3.0, help="seconds per rate measurement (default 3)"
+    )
     transport.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     step = benches.add_parser("step", help="per-step time: plain BN, synchronized BN, psq (2 DDP workers)")
-    step.add_argument("--steps", type=_positive_int, default=20, help="steps per method per round (default 20)")
-    step.add_argument("--rounds", type=_positive_int, default=5, help="timed rounds (default 5)")
-    step.add_argument("--batch", type=_positive_int, default=8, help="per-worker batch (default 8)")
+    step.add_argument(
+        "--steps", type=_checked(config.positive_int), default=20, help="steps per method per round (default 20)"
+    )
+    step.add_argument("--rounds", type=_checked(config.positive_int), default=5, help="timed rounds (default 5)")
+    step.add_argument("--batch", type=_checked(config.positive_int), default=8, help="per-worker batch (default 8)")
     step.add_argument(
         "--delays-ms",
         type=_delays,
@@ -64,17 +74,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     step.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     load = benches.add_parser("load", help="many simulated workers through 1, 2 and 4 shards")
-    load.add_argument("--step-ms", type=_positive_int, default=250, help="simulated step time (default 250)")
-    load.add_argument("--seconds", type=float, default=5.0, help="seconds per measurement (default 5)")
-    load.add_argument("--max-workers", type=_positive_int, default=512, help="stop there (default 512)")
+    load.add_argument(
+        "--step-ms", type=_checked(config.positive_int), default=250, help="simulated step time (default 250)"
+    )
+    load.add_argument(
+        "--seconds", type=_checked(config.positive_float), default=5.0, help="seconds per measurement (default 5)"
+    )
+    load.add_argument("--max-workers", type=_checked(config.positive_int), default=512, help="stop there (default 512)")
     load.add_argument("--shards", type=_choices("124"), default="124", help="shard counts to try (default 124)")
     load.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     acc = benches.add_parser("accuracy", help="test accuracy on digits: local BN, synchronized BN, psq")
     acc.add_argument("--settings", type=_choices("abc"), default="abc", help="which of settings a, b, c (default abc)")
-    acc.add_argument("--seeds", type=_positive_int, default=3, help="seeds per setting and method (default 3)")
-    acc.add_argument("--epochs", type=_positive_int, default=5, help="epochs per run (default 5)")
-    acc.add_argument("--history-weight", type=float, default=0.9, help="psq's history weight (default 0.9)")
-    acc.add_argument("--half-life", type=float, default=4096.0, help="the aggregator's half-life in samples")
+    acc.add_argument(
+        "--seeds", type=_checked(config.positive_int), default=3, help="seeds per setting and method (default 3)"
+    )
+    acc.add_argument("--epochs", type=_checked(config.positive_int), default=5, help="epochs per run (default 5)")
+    acc.add_argument(
+        "--history-weight",
+        type=_checked(config.unit_interval),
+        default=0.75,
+        help="psq's history weight (default 0.75)",
+    )
+    acc.add_argument(
+        "--half-life",
+        type=_checked(config.positive_float),
+        default=4096.0,
+        help="the aggregator's half-life in samples",
+    )
     acc.add_argument("--out", type=Path, default=Path("runs/accuracy"), help="folder for the table, JSON and PNG")
     acc.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return parser
@@ -83,11 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=os.environ.get("PSQ_LOG_LEVEL", "INFO").upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
+    level = os.environ.get("PSQ_LOG_LEVEL", "INFO").upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        print(f"psq: PSQ_LOG_LEVEL: expected DEBUG, INFO, WARNING, ERROR or CRITICAL, got {level!r}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         config.check_environment(os.environ)
         return _dispatch(parser, args)
@@ -227,11 +253,17 @@ def _delays(text: str) -> tuple[float, ...]:
     return values
 
 
-def _key_name(text: str) -> str:
-    try:
-        return config.name(text)
-    except SettingsError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+def _checked(parse: Callable[[str], object]) -> Callable[[str], object]:
+    """A psq.config parser as an argparse type: its SettingsError becomes argparse's error."""
+
+    def convert(text: str) -> object:
+        try:
+            return parse(text)
+        except SettingsError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = parse.__name__
+    return convert
 
 
 def _choices(allowed: str) -> Callable[[str], str]:
@@ -241,13 +273,3 @@ def _choices(allowed: str) -> Callable[[str], str]:
         return "".join(dict.fromkeys(text))
 
     return parse
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value

@@ -113,6 +113,7 @@ class _Request:
     push: protocol.Push | None = None  # kept to re-encode with the layout in full if asked
     attempts: int = 0
     deadline: float | None = None  # None: waiting to be (re)sent
+    sent_at: float = 0.0
 
 
 @dataclass(eq=False)
@@ -176,6 +177,8 @@ class StatsClient:
         self._plans: dict[tuple[Any, ...], list[tuple[int, Layout]]] = {}
         self._scratch: dict[bytes, Scratch] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+        self._last_reply_at = float("-inf")
         self._sock: zmq.Socket | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._resend: asyncio.TimerHandle | None = None
@@ -192,6 +195,7 @@ class StatsClient:
         self._connect()
 
     async def close(self) -> None:
+        self._closed = True
         for handle in (self._timer, self._resend):
             if handle is not None:
                 handle.cancel()
@@ -220,6 +224,10 @@ class StatsClient:
         """
         if not stats:
             raise ValueError("push needs the statistics of at least one layer")
+        if dtype not in (None, "<f4", "<f8"):
+            raise ValueError(f"dtype must be '<f4' or '<f8', got {dtype!r}")
+        if self._closed:
+            raise RuntimeError("this StatsClient is closed")
         try:
             shards = await self.shard_count()
         except Unavailable as exc:
@@ -347,6 +355,8 @@ class StatsClient:
         if not done:
             future.cancel()
             raise Unavailable({"broker": "no answer in time"})
+        if future.cancelled():  # close() ended the wait
+            raise Unavailable({"broker": "the client was closed"})
         return future.result()
 
     # -- the socket ---------------------------------------------------------------------------
@@ -378,7 +388,8 @@ class StatsClient:
             self.stats["messages"] += 1
         except zmq.Again:
             pass  # queue full or no peer yet: the deadline retries it
-        request.deadline = self._running_loop().time() + self.timeout_s
+        request.sent_at = self._running_loop().time()
+        request.deadline = request.sent_at + self.timeout_s
         self._arm()
         # ZMQ_FD is edge-triggered and a send may consume the edge of a waiting reply.
         self._running_loop().call_soon(self._drain)
@@ -390,10 +401,17 @@ class StatsClient:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 break
-            self._on_reply(frames)
+            try:
+                self._on_reply(frames)
+            # A defect in handling one reply must not strand the others behind it: the socket's
+            # descriptor is edge-triggered, and unread messages would wait for the next event.
+            except Exception:
+                self.stats["errors"] += 1
+                log.exception("client: could not handle a reply")
             sock = self._sock
 
     def _on_reply(self, frames: list[zmq.Frame]) -> None:
+        self._last_reply_at = self._running_loop().time()
         try:
             msg = protocol.decode(frames, self.max_message_bytes)
         except ProtocolError as exc:
@@ -464,28 +482,27 @@ class StatsClient:
         if not expired:
             self._arm()
             return
-        # The socket may hold a broken connection or a stuck queue: start over with a fresh one.
-        self._disconnect()
-        self._connect()
+        # Lazy Pirate: when nothing at all came back since these requests left, the connection is
+        # suspect: start over with a fresh socket, and resend everything that went out over the
+        # old one.  When other answers did arrive, the socket is fine: resend only the late ones.
+        sent_at = min(r.sent_at for r in expired)
+        if self._last_reply_at < sent_at:
+            self._disconnect()
+            self._connect()
+            resend = self._inflight()
+        else:
+            resend = expired
+        for request in resend:
+            request.deadline = None
         attempts = 0
         for request in expired:
             request.attempts += 1
             attempts = max(attempts, request.attempts)
             if request.attempts > self.retries:
                 self._shards = None
-                self._settle(
-                    request,
-                    Unavailable(
-                        {
-                            request.key
-                            if request.key != BROKER_KEY
-                            else "broker": f"no reply after {request.attempts} attempts"
-                        }
-                    ),
-                )
+                who = request.key if request.key != BROKER_KEY else "broker"
+                self._settle(request, Unavailable({who: f"no reply after {request.attempts} attempts"}))
         self.stats["retries"] += len(expired)
-        for request in self._inflight():
-            request.deadline = None  # everything in flight went out over the old socket
         if self._resend is not None:
             self._resend.cancel()
         self._resend = self._running_loop().call_later(self._backoff(max(attempts, 1)), self._retransmit)

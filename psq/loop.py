@@ -47,6 +47,7 @@ from psq.stats import Moments
 log = logging.getLogger("psq.loop")
 
 POLL_S = 0.0005  # how often a step waits for device copies to land
+LANDING_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,8 @@ class WorkerLoop:
     ) -> None:
         if mode not in ("async", "sync"):
             raise ValueError(f"mode must be 'async' or 'sync', got {mode!r}")
+        if dtype not in ("<f4", "<f8"):
+            raise ValueError(f"dtype must be '<f4' or '<f8', got {dtype!r}")
         self.frontend, self.job, self.worker, self.mode = frontend, job, worker, mode
         self.timeout_s, self.retries, self.dtype, self.auto_step = timeout_s, retries, dtype, auto_step
         self.sync_timeout_s, self.staleness_timeout_s = sync_timeout_s, staleness_timeout_s
@@ -126,6 +129,7 @@ class WorkerLoop:
         self._stopping: asyncio.Event | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._pid = os.getpid()
+        self._failed: BaseException | None = None  # why the background thread could not start
         _LOOPS.add(self)
 
     # -- running on a background thread --------------------------------------------------------
@@ -135,10 +139,14 @@ class WorkerLoop:
         if self._thread is not None:
             raise RuntimeError("this WorkerLoop is already started")
         ready = threading.Event()
+        self._failed = None
         self._thread = threading.Thread(target=self._run_thread, args=(ready,), name=f"psq-{self.worker}", daemon=True)
         self._thread.start()
         if not ready.wait(timeout_s):
             raise RuntimeError(f"the WorkerLoop thread did not start within {timeout_s} s")
+        if self._failed is not None:  # the thread's own error, not a generic timeout
+            self._thread = None
+            raise self._failed
         return self
 
     def stop(self, timeout_s: float = 5.0) -> None:
@@ -162,7 +170,12 @@ class WorkerLoop:
         asyncio.run(self._serve(ready))
 
     async def _serve(self, ready: threading.Event) -> None:
-        await self._open()
+        try:
+            await self._open()
+        except Exception as exc:  # handed to start(), which raises it on the caller's thread
+            self._failed = exc
+            ready.set()
+            return
         assert self._stopping is not None
         ready.set()
         try:
@@ -355,7 +368,8 @@ class WorkerLoop:
 
     async def _push(self, number: int, entries: dict[str, Submission]) -> None:
         try:
-            await self._landed(entries)
+            if not await self._landed(entries, number):
+                return
             stats = {name: Moments(s.count, s.mean, s.var) for name, s in entries.items()}
             self._counters["pushes"] += 1
             assert self._client is not None
@@ -375,31 +389,51 @@ class WorkerLoop:
                 self._lock.notify_all()
 
     async def _exchange(self, name: str, number: int, stats: Submission) -> tuple[Moments, bool] | None:
-        await self._landed({name: stats})
+        if not await self._landed({name: stats}, number):
+            return None
         assert self._client is not None
         self._counters["pushes"] += 1
         try:
             result = await self._client.push(number, {name: Moments(stats.count, stats.mean, stats.var)}, self.dtype)
-        except (Unavailable, Rejected) as exc:
+        except Unavailable as exc:
+            self._counters["unavailable"] += 1
             self._went_away(str(exc))
+            return None
+        except Rejected as exc:
+            self._counters["rejected"] += 1
+            log.error("psq: the aggregator refused layer %s's statistics of step %d: %s", name, number, exc)
             return None
         self._record(number, result)
         return result[name], result.complete
 
-    async def _landed(self, entries: dict[str, Submission]) -> None:
-        """Wait for device copies, polling so the event loop stays free (bounded wait)."""
-        deadline = time.monotonic() + 10.0
+    async def _landed(self, entries: dict[str, Submission], number: int) -> bool:
+        """Wait for device copies, polling so the event loop stays free; False (the step is
+        dropped, not pushed half-copied) if they have not landed after ``LANDING_TIMEOUT_S``."""
+        deadline = time.monotonic() + LANDING_TIMEOUT_S
         for s in entries.values():
-            while s.ready is not None and not s.ready() and time.monotonic() < deadline:
+            while s.ready is not None and not s.ready():
+                if time.monotonic() > deadline:
+                    log.error(
+                        "psq: step %d's device copies did not land in %.0f s; the step is not pushed",
+                        number,
+                        LANDING_TIMEOUT_S,
+                    )
+                    return False
                 await asyncio.sleep(POLL_S)
+        return True
 
     def _record(self, number: int, result: PushResult, back: bool = True) -> None:
-        self._counters["answered"] += 1
+        """Keep the history a reply carried (``back``: a complete answer, not a partial one)."""
+        if back:
+            self._counters["answered"] += 1
         versions = result.versions
         with self._lock:
+            # Replies of a shard arrive in order (one request in flight per shard), so the latest
+            # wins, even with a lower version: a restarted aggregator counts from its snapshot.
+            # Merged pushes share one reply: it keeps the newest step's label.
             for name in result:
                 old = self._histories.get(name)
-                if old is None or versions[name] >= old.version:
+                if old is None or old.version != versions[name] or old.step < number:
                     self._histories[name] = LayerHistory(result[name], versions[name], number)
             self._lock.notify_all()
         if back and self._away:

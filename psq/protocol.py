@@ -66,6 +66,7 @@ class ErrorCode(str, enum.Enum):
     UNKNOWN_LAYOUT = "unknown_layout"
     NONFINITE = "nonfinite"
     NEGATIVE = "negative"
+    RANGE = "range"
     OVERSIZED = "oversized"
     NO_SHARD = "no_shard"
     WRONG_SHARD = "wrong_shard"
@@ -205,8 +206,13 @@ def _dtype_name(a: np.ndarray) -> str:
 # -- header checks ------------------------------------------------------------------------
 
 
-def _fields(msg: Message, required: Mapping[str, type], optional: Mapping[str, type] | None = None) -> dict[str, Any]:
-    """The header's fields, checked for exactly the expected keys and their types."""
+def _fields(
+    msg: Message, required: Mapping[str, type], optional: Mapping[str, type] | None = None, arrays: int = 0
+) -> dict[str, Any]:
+    """The header's fields, checked for exactly the expected keys and their types, and the
+    message for exactly ``arrays`` array frames."""
+    if len(msg.arrays) != arrays:
+        raise ProtocolError(ErrorCode.FRAMES, f"a {msg.command.name} has {arrays} array frames, got {len(msg.arrays)}")
     h, optional = msg.header, optional or {}
     missing = [k for k in required if k not in h]
     if missing:
@@ -248,23 +254,37 @@ def _expect(msg: Message, command: Command) -> None:
         raise ProtocolError(ErrorCode.COMMAND, f"expected {command.name}, got {msg.command.name}")
 
 
+# Far beyond any real batch-norm statistic, and far from overflow anywhere downstream: in the
+# merge (d² ≤ 4e60 in float64) and in a float32 reply (up to 3.4e38).  Finite values past them
+# would poison a history for good, so they are refused like NaN.
+MAX_ABS_MEAN = 1e30
+MAX_VAR = 1e30
+MAX_COUNT = 1e15
+
+
 def check_stats(counts: np.ndarray, means: np.ndarray, var: np.ndarray) -> None:
-    """Finite values, non-negative counts and variances; refuses with the rule broken."""
-    for name, a in (("counts", counts), ("means", means), ("variances", var)):
-        if not _all_finite(a):
-            raise ProtocolError(ErrorCode.NONFINITE, f"{name} contain NaN or infinity")
-    for name, a in (("counts", counts), ("variances", var)):
-        if a.size and a.min() < 0:
-            raise ProtocolError(ErrorCode.NEGATIVE, f"{name} must be >= 0, found {a.min()}")
+    """Finite values within range, non-negative counts and variances; refuses with the rule broken."""
+    _check_range("counts", counts, 0.0, MAX_COUNT)
+    _check_range("means", means, -MAX_ABS_MEAN, MAX_ABS_MEAN)
+    _check_range("variances", var, 0.0, MAX_VAR)
 
 
-def _all_finite(a: np.ndarray) -> bool:
-    # A sum of squares is finite only if every element is (squares cannot cancel): one BLAS
-    # pass, no allocation.  It can overflow on huge finite values, so confirm before refusing.
+def _check_range(name: str, a: np.ndarray, lo: float, hi: float) -> None:
+    if not a.size:
+        return
+    # A sum of squares below hi² bounds every element by hi (squares cannot cancel, NaN
+    # propagates): one BLAS pass, no allocation.  Only a non-negative range needs the minimum.
     with np.errstate(over="ignore", invalid="ignore"):
-        if np.isfinite(np.dot(a, a)):
-            return True
-    return bool(np.isfinite(a.min()) and np.isfinite(a.max()))
+        # float(): numpy would compare a float32 sum with hi² cast to float32, which is infinity
+        if float(np.dot(a, a)) <= hi * hi and (lo < 0 or a.min() >= 0):
+            return
+    low, high = a.min(), a.max()
+    if not (np.isfinite(low) and np.isfinite(high)):
+        raise ProtocolError(ErrorCode.NONFINITE, f"{name} contain NaN or infinity")
+    if lo == 0.0 and low < 0:
+        raise ProtocolError(ErrorCode.NEGATIVE, f"{name} must be >= 0, found {low}")
+    if low < lo or high > hi:
+        raise ProtocolError(ErrorCode.RANGE, f"{name} must lie in [{lo:g}, {hi:g}], found {low:g}..{high:g}")
 
 
 # -- PUSH -------------------------------------------------------------------------------------
@@ -313,7 +333,7 @@ def parse_push(msg: Message, layouts: Mapping[bytes, Layout]) -> Push:
     ``push.layout`` once the push is accepted); one that does not must name a known layout.
     """
     _expect(msg, Command.PUSH)
-    h = _fields(msg, _PUSH_FIELDS, _LAYOUT_FIELDS)
+    h = _fields(msg, _PUSH_FIELDS, _LAYOUT_FIELDS, arrays=3)
     if h["reply"] not in _STAT_DTYPES:
         raise ProtocolError(ErrorCode.DTYPE, f"reply dtype must be one of {_STAT_DTYPES}, got {h['reply']!r:.20}")
     layout = _push_layout(h, layouts)
@@ -390,13 +410,11 @@ def encode_history(reply: HistoryReply, key: int) -> list[Any]:
 def parse_history(msg: Message, layout: Layout) -> HistoryReply:
     """A validated :class:`HistoryReply` for a push made with ``layout``."""
     _expect(msg, Command.HISTORY)
-    h = _fields(msg, {"seq": int, "step": int, "layout": bytes, "complete": bool})
+    h = _fields(msg, {"seq": int, "step": int, "layout": bytes, "complete": bool}, arrays=4)
     if h["layout"] != layout.id:
         raise ProtocolError(
             ErrorCode.LAYOUT, f"reply is for layout {h['layout'].hex()}, the push used {layout.id.hex()}"
         )
-    if len(msg.arrays) != 4:
-        raise ProtocolError(ErrorCode.FRAMES, f"a history reply has 4 arrays, got {len(msg.arrays)}")
     counts, means, var = _stat_arrays(msg.arrays, layout, "<f8")
     versions = msg.arrays[3]
     if versions.dtype.str != "<u8" or versions.size != layout.layers:
@@ -426,18 +444,14 @@ def encode_error(code: ErrorCode, message: str, key: int, seq: int | None = None
 
 def parse_error(msg: Message) -> Error:
     _expect(msg, Command.ERROR)
-    h = msg.header
-    code, text = h.get("code"), h.get("message")
-    if not isinstance(code, str) or not isinstance(text, str) or set(h) - {"code", "message", "seq"}:
-        raise ProtocolError(ErrorCode.HEADER, f"an ERROR header has 'code' and 'message' strings, got {sorted(h)}")
+    h = _fields(msg, {"code": str, "message": object}, {"seq": int})  # message: checked below
+    if not isinstance(h["message"], str) or len(h["message"]) > 1000:
+        raise ProtocolError(ErrorCode.HEADER, "an ERROR's message must be a string of at most 1000 characters")
     try:
-        err = ErrorCode(code)
-    except ValueError:
+        err = ErrorCode(h["code"])
+    except ValueError:  # a code from a newer peer: still an error, reported as such
         err = ErrorCode.INTERNAL
-    seq = h.get("seq")
-    if seq is not None:
-        _check_type(msg.command, "seq", seq, int)
-    return Error(err, text, seq)
+    return Error(err, h["message"], h.get("seq"))
 
 
 # -- control: HELLO / WELCOME / HEARTBEAT / STATUS / REPORT -------------------------------------

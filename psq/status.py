@@ -5,6 +5,7 @@ Talks the wire protocol from a plain DEALER socket; every wait has a timeout.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import zmq
@@ -46,16 +47,46 @@ def _ask(sock: zmq.Socket, key: int, timeout_s: float, who: str) -> dict[str, An
         sock.send_multipart(protocol.encode_status(key), zmq.NOBLOCK)
     except zmq.Again:
         raise StatusError(f"cannot reach {who}: no connection could take the request") from None
-    if not sock.poll(timeout_s * 1000, zmq.POLLIN):
-        raise StatusError(f"{who} did not answer within {timeout_s} s")
-    try:
-        msg = protocol.decode(sock.recv_multipart())
-        if msg.command is Command.ERROR:
-            err = protocol.parse_error(msg)
-            raise StatusError(f"{who} answered {err.code.value}: {err.message}")
-        return protocol.parse_report(msg)
-    except ProtocolError as exc:
-        raise StatusError(f"{who} sent an unreadable answer: {exc}") from None
+    deadline = time.monotonic() + timeout_s
+    while sock.poll(max(deadline - time.monotonic(), 0) * 1000, zmq.POLLIN):
+        try:
+            msg = protocol.decode(sock.recv_multipart())
+            if msg.key != key:
+                continue  # a late answer to an earlier question
+            if msg.command is Command.ERROR:
+                err = protocol.parse_error(msg)
+                raise StatusError(f"{who} answered {err.code.value}: {err.message}")
+            report = protocol.parse_report(msg)
+        except ProtocolError as exc:
+            raise StatusError(f"{who} sent an unreadable answer: {exc}") from None
+        _check_report(report, key, who)
+        return report
+    raise StatusError(f"{who} did not answer within {timeout_s} s")
+
+
+_BROKER_FIELDS = {"broker": dict, "shards": (int, type(None)), "aggregators": list, "workers": list}
+_AGGREGATOR_FIELDS = {"shard": int, "shards": int, "name": str, "alive": bool, "last_seen_s": (int, float)}
+_SHARD_FIELDS = {"jobs": dict, "updates": int, "duplicates": int, "errors": dict}
+
+
+def _check_report(report: dict[str, Any], key: int, who: str) -> None:
+    """The fields this tool reads, with their types: a report is input from a socket too."""
+    if key == BROKER_KEY:
+        _expect_fields(report, _BROKER_FIELDS, who)
+        for agg in report["aggregators"]:
+            _expect_fields(agg, _AGGREGATOR_FIELDS, who)
+            if not 0 <= agg["shard"] < agg["shards"] <= protocol.MAX_SHARDS:
+                raise StatusError(f"{who} reported an impossible shard {agg['shard']}/{agg['shards']}")
+        return
+    _expect_fields(report, _SHARD_FIELDS, who)
+    for layers in report["jobs"].values():
+        if not isinstance(layers, list) or not all(isinstance(x, list) and len(x) == 3 for x in layers):
+            raise StatusError(f"{who} reported layers that are not [name, count, version] lists")
+
+
+def _expect_fields(data: Any, fields: dict[str, Any], who: str) -> None:
+    if not isinstance(data, dict) or any(not isinstance(data.get(k), t) for k, t in fields.items()):
+        raise StatusError(f"{who} sent a report without the expected fields {sorted(fields)}")
 
 
 def render(report: dict[str, Any]) -> str:

@@ -3,10 +3,10 @@
 Imported only by those who use torch (``import psq`` does not import it).
 
 In training, a layer computes its batch moments, hands them to the :class:`~psq.loop.WorkerLoop`
-without waiting, and normalizes with :func:`psq.stats.mix` of the batch moments and the latest
-history the loop received for this layer, the history weighing at most ``history_weight``
-(:func:`psq.stats.blend_weight`).  The history is a constant for autograd: gradients flow
-through the batch part only, as in Batch Renormalization.  With no history yet, or
+without waiting, and normalizes with the blend of the batch moments and the latest history the
+loop received for this layer (the formula of :func:`psq.stats.mix`, fused into an autograd
+Function; tests check it against :func:`psq.stats.blend`), the history weighing at most
+``history_weight`` (:func:`psq.stats.blend_weight`).  The history is a constant for autograd.  With no history yet, or
 ``history_weight=0``, the layer is exactly ``nn.BatchNorm``.
 
 In evaluation, it normalizes with ``running_mean`` / ``running_var``, which hold the cluster's
@@ -216,7 +216,9 @@ class PSBatchNorm(_BatchNorm):
             mean_b, var_b = batch_moments(x)
         answer = self.loop.exchange(self.name, _submission(count, mean_b, var_b))
         own = Moments(count, mean_b.cpu().double().numpy(), var_b.cpu().double().numpy())
-        if answer is None or float(answer[0].count) <= count:
+        # An incomplete answer (the step timed out, or this push came late) may not contain this
+        # batch: removing it would extrapolate.  Batch statistics are the safe answer then.
+        if answer is None or not answer[1] or float(answer[0].count) <= count:
             return self._blend(x, 0.0, None, None, count, no_history=True)
         pooled = Moments(
             float(answer[0].count), np.asarray(answer[0].mean, np.float64), np.asarray(answer[0].var, np.float64)

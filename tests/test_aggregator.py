@@ -84,6 +84,7 @@ def malformed(seq: int) -> list[tuple[ErrorCode, list[bytes]]]:
         (ErrorCode.HEADER, mutate(good, 1, b"\xc1")),
         (ErrorCode.NONFINITE, mutate(good, 3, nan.tobytes())),
         (ErrorCode.NEGATIVE, mutate(good, 4, np.full(5, -1.0).tobytes())),
+        (ErrorCode.RANGE, mutate(good, 3, np.full(5, 1e200).tobytes())),  # finite, but would overflow
         (ErrorCode.NEGATIVE, mutate(good, 2, np.array([8.0, -8.0]).tobytes())),
         (ErrorCode.LENGTH, mutate(good, 3, np.zeros(4).tobytes())),
         (ErrorCode.DTYPE, with_header(good, arrays=[["<f8", 2], ["<i8", 5], ["<f8", 5]])),

@@ -108,6 +108,10 @@ def test_fuzzing_leaves_the_services_answering_and_the_history_intact(cluster, z
     np.testing.assert_allclose(reply.means, want.moments.mean, rtol=1e-12)
     np.testing.assert_allclose(reply.var, want.moments.var, rtol=1e-12)
     assert list(reply.versions) == [len(valid)] * 2
+    # the fuzzed job's own history is still valid statistics: its reply passes validation
+    front.send_multipart(push_frames("fuzz", 3 * FUZZ_SEQ, rng))
+    fuzzed = _history(front, 3 * FUZZ_SEQ)
+    assert np.isfinite(fuzzed.means).all() and (fuzzed.var >= 0).all()
     assert c.broker.alive() and c.aggregators[0].alive()
 
 

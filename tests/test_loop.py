@@ -9,6 +9,7 @@ import threading
 
 import numpy as np
 import pytest
+import zmq
 from conftest import wait_until
 
 from psq.loop import ForkedLoop, Submission, WorkerLoop
@@ -163,3 +164,37 @@ def test_sync_mode_exchanges_block_until_every_worker_is_in(cluster):
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="mode must be"):
         WorkerLoop(job="j", worker="w", mode="fast")
+
+
+def test_history_from_a_restarted_aggregator_replaces_the_old_one(cluster, spawn):
+    """A restarted aggregator without snapshot counts versions from 1 again: the newest answer
+    still wins over the higher-numbered old one."""
+    from conftest import wait_for_owner
+
+    c = cluster(1)
+    with WorkerLoop(c.endpoints.frontend, job="job", worker="w0", timeout_s=0.3, retries=1) as loop:
+        for i in range(5):
+            loop.submit("a", submission(i))
+            assert loop.flush(10)
+        assert loop.history("a").version == 5
+        c.aggregators[0].kill(signal.SIGKILL)
+        fresh = spawn("aggregator", "--shard", "0/1", "--backend", c.endpoints.backend)
+        wait_for_owner(c.endpoints.frontend, 0, fresh)
+
+        def answered_by_the_new_one() -> bool:
+            loop.submit("a", submission(9))
+            loop.flush(5)
+            return loop.history("a").version < 5
+
+        wait_until(answered_by_the_new_one, timeout_s=30, what="the restarted aggregator's history")
+        np.testing.assert_allclose(loop.history("a").moments.mean, submission(9).mean, rtol=1e-6)
+
+
+def test_a_loop_that_cannot_start_says_why(ipc_dir):
+    with pytest.raises(zmq.ZMQError):
+        WorkerLoop("bogus://nowhere", job="job", worker="w0").start(timeout_s=5)
+
+
+def test_an_unknown_wire_dtype_is_refused():
+    with pytest.raises(ValueError, match="dtype must be"):
+        WorkerLoop(job="j", worker="w", dtype="<f2")

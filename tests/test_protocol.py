@@ -253,10 +253,19 @@ def test_nonfinite_values_are_refused(index, value):
     refused(ErrorCode.NONFINITE, wire(protocol.encode_push(make_push(**{fields[index]: array}), 0, False)))
 
 
-def test_huge_but_finite_values_are_not_mistaken_for_infinity():
-    means = np.full(5, 3e38, "<f4")
-    got = protocol.parse_push(protocol.decode(push_frames(means=means)), {LAYOUT.id: LAYOUT})
+def test_large_values_within_range_are_accepted():
+    means = np.full(5, 9e29, "<f8")
+    got = protocol.parse_push(protocol.decode(push_frames(means=means, dtype="<f8")), {LAYOUT.id: LAYOUT})
     assert np.array_equal(got.means, means)
+
+
+@pytest.mark.parametrize(("field", "value"), [("means", 3e38), ("means", -1e31), ("var", 1e31), ("counts", 1e16)])
+def test_finite_values_out_of_range_are_refused(field, value):
+    """They would overflow the merge or a float32 reply and poison a history for good."""
+    push = make_push()
+    array = getattr(push, field).copy()
+    array[0] = value
+    refused(ErrorCode.RANGE, wire(protocol.encode_push(make_push(**{field: array}), 0, False)))
 
 
 @pytest.mark.parametrize("field", ["counts", "var"])

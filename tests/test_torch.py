@@ -134,19 +134,29 @@ def test_channels_last_uneven_batches_and_autocast(cluster):
     c = cluster(1)
     with WorkerLoop(c.endpoints.frontend, job="formats", worker="w0") as loop:
         layer = PSBatchNorm(4, history_weight=0.5, name="bn", loop=loop)
-        for n in (1, 7, 3, 5):  # uneven batch sizes: the counts carry the difference
+        first = torch.randn(1, 4, 6, 6).to(memory_format=torch.channels_last)
+        # the first forward has no history yet: exactly batch norm, channels_last or not
+        torch.testing.assert_close(layer(first), nn.BatchNorm2d(4)(first.contiguous()))
+        for n in (7, 3, 5):  # uneven batch sizes: the counts carry the difference
             x = torch.randn(n, 4, 6, 6).to(memory_format=torch.channels_last)
             y = layer(x)
-            assert torch.isfinite(y).all() and y.shape == x.shape
+            assert y.shape == x.shape and torch.isfinite(y).all()
         assert loop.flush(10)
         assert loop.history("bn").moments.count == pytest.approx(36 * (1 + 7 + 3 + 5), rel=1e-3)
+    with WorkerLoop(c.endpoints.frontend, job="autocast", worker="w0", dtype="<f8") as loop:
+        layer = PSBatchNorm(4, name="bn", loop=loop)
+        x = (torch.randn(8, 4, 6, 6) * 3 + 1).to(torch.bfloat16)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            x = torch.randn(8, 4, 6, 6).to(torch.bfloat16)
             y = layer(x)
         assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
         assert loop.flush(10)
-        mean = loop.history("bn").moments.mean
-        assert mean.dtype == np.float32  # statistics in float32 under autocast
+        # the first history is this batch's moments: computed in float32, not in bfloat16
+        want = Moments.of(x.float().numpy(), (0, 2, 3))
+        got = loop.history("bn").moments
+        np.testing.assert_allclose(got.mean, want.mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got.var, want.var, rtol=1e-5)
+        low = x.mean((0, 2, 3)).float().numpy()  # what a bfloat16 reduction gives
+        assert not np.allclose(low, want.mean, rtol=1e-5, atol=1e-6)
 
 
 def test_a_training_script_keeps_stepping_while_the_broker_restarts(cluster, spawn):
@@ -248,6 +258,15 @@ def test_dataloader_worker_processes_are_safe(cluster):
 
 def _spawn(fn, *args) -> None:
     tmp.start_processes(fn, args=args, nprocs=2, join=True, start_method="spawn")
+
+
+def test_sync_mode_falls_back_to_batch_statistics_when_the_step_is_incomplete(cluster):
+    c = cluster(1, "--mode", "sync", "--workers", "2", "--sync-timeout-s", "0.3")
+    with WorkerLoop(c.endpoints.frontend, job="alone", worker="w0", mode="sync", dtype="<f8") as loop:
+        layer = PSBatchNorm(3, name="bn", loop=loop).double()
+        x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+        y = layer(x)  # the other worker never comes: the step times out incomplete
+    torch.testing.assert_close(y, nn.functional.batch_norm(x, None, None, layer.weight, layer.bias, True))
 
 
 def test_sync_mode_forward_equals_batchnorm_on_the_global_batch(cluster, tmp_path):

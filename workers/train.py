@@ -147,6 +147,8 @@ def _train(
     labels = data.train_y.numpy()
     mine = [shards(labels, world, settings.sharding, settings.seed)[r] for r in ranks]
     total = len(mine[0]) // settings.batch * settings.epochs
+    if total == 0:
+        raise ValueError(f"a batch of {settings.batch} is larger than a worker's {len(mine[0])} training images")
     opt = torch.optim.SGD(net.parameters(), lr=settings.lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / total, 1.0))))
     bar = _progress(total, ranks[0])
