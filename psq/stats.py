@@ -205,10 +205,15 @@ def blend_weight(n_history: Any, n_batch: Any, weight: float) -> Any:
     The history's count is capped at ``c = min(nH, nB·w/(1−w))`` so that it makes up at most
     a fraction ``w`` of the result; ``a = c/(c + nB)``, and 0 when there is no history.
     """
+    c = history_cap(n_history, n_batch, weight)
+    return c / np.maximum(c + n_batch, _TINY)
+
+
+def history_cap(n_history: Any, n_batch: Any, weight: float) -> Any:
+    """``c = min(nH, nB·w/(1−w))``: the part of the history's count a blend uses."""
     if not 0.0 <= weight < 1.0:
         raise ValueError(f"history weight must be in [0, 1), got {weight!r}")
-    c = np.minimum(n_history, np.multiply(n_batch, weight / (1.0 - weight)))
-    return c / np.maximum(c + n_batch, _TINY)
+    return np.minimum(n_history, np.multiply(n_batch, weight / (1.0 - weight)))
 
 
 def mix(a: Any, mean_h: Any, var_h: Any, mean_b: Any, var_b: Any) -> tuple[Any, Any]:
@@ -238,8 +243,7 @@ def blend(history: Moments, batch: Moments, weight: float) -> Moments:
         np.asarray(batch.mean, np.float64),
         np.asarray(batch.var, np.float64),
     )
-    n_used = np.minimum(history.count, np.multiply(batch.count, weight / (1.0 - weight)))
-    return Moments(n_used + np.asarray(batch.count, np.float64), mean, var)
+    return Moments(history_cap(history.count, batch.count, weight) + np.asarray(batch.count, np.float64), mean, var)
 
 
 def remove(whole: Moments, part: Moments) -> Moments:
