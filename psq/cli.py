@@ -101,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=4096.0,
         help="the aggregator's half-life in samples",
     )
+    acc.add_argument(
+        "--max-steps-per-epoch",
+        type=_checked(config.non_negative_int),
+        default=0,
+        help="cut every epoch short, for a quick sanity run (default 0: whole epochs)",
+    )
     acc.add_argument("--out", type=Path, default=Path("runs/accuracy"), help="folder for the table, JSON and PNG")
     acc.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return parser
@@ -176,6 +182,7 @@ def _bench(args: argparse.Namespace) -> None:
             args.half_life,
             args.out,
             args.json,
+            args.max_steps_per_epoch,
         )
 
 

@@ -218,6 +218,9 @@ class TrainSettings:
         "iid", "how training images are dealt to workers: iid, skewed, split", choice("iid", "skewed", "split")
     )
     run_dir: Path = setting(Path("runs/latest"), "folder for the weights and the summary", Path)
+    max_steps_per_epoch: int = setting(
+        0, "stop each epoch after this many steps (0: the whole shard; for quick sanity runs)", non_negative_int
+    )
     job: str | None = setting(None, "job name on the statistics service (default: digits-<run id>)", name)
     wait_for_service_s: float = setting(30.0, "psq: how long to wait for the service before training", positive_float)
     push_interval_s: float = setting(

@@ -118,7 +118,8 @@ def handshake_failure(event: dict) -> str:
     if kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
         code = event["value"]
         return _PROTOCOL_REASONS.get(code, f"ZMTP protocol error {code:#x}")
-    return "the handshake failed"
+    # libzmq reports a peer without keys this way too when a ZAP handler is installed
+    return "the handshake failed before the peer proved a key: no CurveZMQ keys, or it hung up mid-handshake"
 
 
 class BrokerAuth:

@@ -47,8 +47,9 @@ def test_honcho_runs_broker_and_aggregator_and_the_readme_examples_talk_to_them(
         script.write_text(readme_example("client"))
         out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
-        # ten batches of 32 under the default half-life of 1e6 samples
-        count = sum(32 * 2 ** (-32 * k / 1e6) for k in range(10))
+        # ten batches of 32 under the Procfile's half-life
+        half_life = float(re.search(r"PSQ_HALF_LIFE:-(\d+)", (ROOT / "Procfile").read_text())[1])
+        count = sum(32 * 2 ** (-32 * k / half_life) for k in range(10))
         assert f"bn1: {count:.2f} samples, version 10" in out.stdout
         status = run_psq("status", "--json", "--frontend", endpoints.frontend)
         layers = json.loads(status.stdout)["shard_reports"]["0"]["jobs"]["demo"]
@@ -70,4 +71,4 @@ def test_honcho_runs_broker_and_aggregator_and_the_readme_examples_talk_to_them(
     # honcho answers its own SIGTERM with 128 + 15; what matters is that each process exited cleanly
     assert honcho.returncode == 143, output
     assert "broker.1 stopped (rc=0)" in output and "aggregator.1 stopped (rc=0)" in output, output
-    assert (run / "runs" / "aggregator-0.snap").exists()  # written on SIGTERM
+    assert (run / "runs" / "latest" / "aggregator-0.snap").exists()  # written on SIGTERM

@@ -63,7 +63,11 @@ def run_dir_files(run: Path) -> dict:
 def test_honcho_start_runs_the_whole_job_and_ends_by_itself(ipc_dir, tmp_path):
     run = tmp_path / "run"
     env = env_for(
-        PSQ_FRONTEND=f"ipc://{ipc_dir}/f", PSQ_BACKEND=f"ipc://{ipc_dir}/b", PSQ_RUN_DIR=str(run), PSQ_EPOCHS="1"
+        PSQ_FRONTEND=f"ipc://{ipc_dir}/f",
+        PSQ_BACKEND=f"ipc://{ipc_dir}/b",
+        PSQ_RUN_DIR=str(run),
+        PSQ_EPOCHS="2",
+        PSQ_MAX_STEPS_PER_EPOCH="300",
     )
     (tmp_path / "Procfile").write_text((ROOT / "Procfile").read_text())
     out = subprocess.run(
@@ -73,7 +77,7 @@ def test_honcho_start_runs_the_whole_job_and_ends_by_itself(ipc_dir, tmp_path):
     assert re.search(r"test accuracy \(cluster statistics\): \d+\.\d+%", out.stdout)
     assert re.search(r"statistics messages: \d+ pushed, \d+ answered, 0 unavailable", out.stdout)
     summary = run_dir_files(run)
-    assert summary["accuracy"] > 0.5 and summary["world"] == 2
+    assert summary["accuracy"] > 0.3 and summary["world"] == 2  # learning: chance is 10%
     assert (run / "aggregator-0.snap").exists()
 
 
@@ -94,7 +98,13 @@ def test_workers_on_other_hosts_reach_the_service_by_tcp_address(spawn, tmp_path
     port = free_tcp_port()
     nodes = []
     for node in (0, 1):
-        env = env_for(PSQ_FRONTEND=frontend, PSQ_EPOCHS="1", PSQ_RUN_DIR=str(tmp_path / "run"), PSQ_JOB="hosts")
+        env = env_for(
+            PSQ_FRONTEND=frontend,
+            PSQ_EPOCHS="2",
+            PSQ_MAX_STEPS_PER_EPOCH="150",
+            PSQ_RUN_DIR=str(tmp_path / "run"),
+            PSQ_JOB="hosts",
+        )
         nodes.append(
             subprocess.Popen(
                 [
@@ -243,20 +253,8 @@ def test_bad_trainer_settings_are_refused():
 
 
 def test_bench_accuracy_writes_its_table_and_plot(tmp_path):
-    out = run_psq(
-        "bench",
-        "accuracy",
-        "--settings",
-        "a",
-        "--seeds",
-        "1",
-        "--epochs",
-        "1",
-        "--out",
-        str(tmp_path),
-        "--json",
-        timeout_s=600,
-    )
+    quick = ["--settings", "a", "--seeds", "1", "--epochs", "2", "--max-steps-per-epoch", "60"]
+    out = run_psq("bench", "accuracy", *quick, "--out", str(tmp_path), "--json", timeout_s=600)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert [row[1] for row in result["rows"]] == ["local", "syncbn", "psq", "single"]

@@ -33,7 +33,14 @@ METHODS = ("local", "syncbn", "psq", "single")
 
 
 def one_run(
-    setting: str, method: str, seed: int, epochs: int, history_weight: float, half_life: float, folder: Path
+    setting: str,
+    method: str,
+    seed: int,
+    epochs: int,
+    history_weight: float,
+    half_life: float,
+    folder: Path,
+    max_steps_per_epoch: int = 0,
 ) -> dict[str, Any]:
     workers, batch, sharding = SETTINGS[setting]
     run_dir = folder / f"{setting}-{method}-{seed}"
@@ -45,6 +52,7 @@ def one_run(
         seed=seed,
         epochs=epochs,
         history_weight=history_weight,
+        max_steps_per_epoch=max_steps_per_epoch,
         run_dir=run_dir,
     )
     if method == "single":
@@ -63,10 +71,11 @@ def run(
     settings: tuple[str, ...] = ("a", "b", "c"),
     seeds: tuple[int, ...] = (0, 1, 2),
     epochs: int = 5,
-    history_weight: float = 0.9,
+    history_weight: float = 0.75,
     half_life: float = 4096.0,
     out: Path = Path("runs/accuracy"),
     as_json: bool = False,
+    max_steps_per_epoch: int = 0,
 ) -> list[list[Any]]:
     out.mkdir(parents=True, exist_ok=True)
     results: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -74,7 +83,9 @@ def run(
         for setting in settings:
             for seed in seeds:
                 for method in METHODS:
-                    r = one_run(setting, method, seed, epochs, history_weight, half_life, Path(tmp))
+                    r = one_run(
+                        setting, method, seed, epochs, history_weight, half_life, Path(tmp), max_steps_per_epoch
+                    )
                     results.setdefault((setting, method), []).append(r)
     rows = [_row(setting, method, runs) for (setting, method), runs in results.items()]
     (out / "accuracy.json").write_text(json.dumps({f"{s}/{m}": v for (s, m), v in results.items()}, indent=1))

@@ -146,7 +146,10 @@ def _train(
     batch per step, for the single-process reference); evaluate ``model`` after each epoch."""
     labels = data.train_y.numpy()
     mine = [shards(labels, world, settings.sharding, settings.seed)[r] for r in ranks]
-    total = len(mine[0]) // settings.batch * settings.epochs
+    per_epoch = len(mine[0]) // settings.batch
+    if settings.max_steps_per_epoch:
+        per_epoch = min(per_epoch, settings.max_steps_per_epoch)
+    total = per_epoch * settings.epochs
     if total == 0:
         raise ValueError(f"a batch of {settings.batch} is larger than a worker's {len(mine[0])} training images")
     opt = torch.optim.SGD(net.parameters(), lr=settings.lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
@@ -155,7 +158,9 @@ def _train(
     accuracies, stats, t0 = [], RankStats(), time.perf_counter()
     for epoch in range(settings.epochs):
         net.train()
-        per_rank = [epoch_batches(shard, settings.batch, epoch, settings.seed + r) for r, shard in zip(ranks, mine)]
+        per_rank = [
+            epoch_batches(shard, settings.batch, epoch, settings.seed + r)[:per_epoch] for r, shard in zip(ranks, mine)
+        ]
         for idx in np.concatenate(per_rank, axis=1):
             if stop.is_set():
                 raise Stopped(f"rank {ranks[0]} stopped at step {stats.steps}")
