@@ -37,44 +37,28 @@ def setting(
 # -- parsers: text in, value out, SettingsError with what was expected ---------------------------
 
 
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise SettingsError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise SettingsError(f"expected a positive number, got {text!r}")
-    return value
+def _number(convert: Callable[[str], Any], ok: Callable[[Any], bool], expected: str, name: str) -> Callable[[str], Any]:
+    """A parser of one kind of number: text in, value out, or what was expected and what came."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise SettingsError(f"expected {expected}, got {text!r}") from None
+        if not ok(value):
+            raise SettingsError(f"expected {expected}, got {text!r}")
+        return value
+
+    parse.__name__ = name
+    return parse
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise SettingsError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise SettingsError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise SettingsError(f"expected a non-negative number, got {text!r}") from None
-    if not 0.0 <= value < float("inf"):
-        raise SettingsError(f"expected a non-negative number, got {text!r}")
-    return value
-
-
-def unit_interval(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise SettingsError(f"expected a number in [0, 1), got {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise SettingsError(f"expected a number in [0, 1), got {text!r}")
-    return value
+_INF = float("inf")
+positive_float = _number(float, lambda v: 0 < v < _INF, "a positive number", "positive_float")
+non_negative_float = _number(float, lambda v: 0 <= v < _INF, "a non-negative number", "non_negative_float")
+unit_interval = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)", "unit_interval")
+positive_int = _number(int, lambda v: v > 0, "a positive integer", "positive_int")
+non_negative_int = _number(int, lambda v: v >= 0, "a non-negative integer", "non_negative_int")
 
 
 def shard_spec(text: str) -> tuple[int, int]:
@@ -116,16 +100,6 @@ def is_loopback(address: str) -> bool:
 
 def optional_path(text: str) -> Path | None:
     return Path(text) if text else None
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise SettingsError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise SettingsError(f"expected a non-negative integer, got {text!r}")
-    return value
 
 
 def flag(text: str) -> bool:

@@ -41,19 +41,8 @@ def keys(tmp_path: Path) -> dict[str, Path]:
     return out
 
 
-def client_keys(keys: dict[str, Path], who: str, server: str = "broker_public") -> ClientKeys:
-    return ClientKeys.load(keys[who], keys[server])
-
-
-@pytest.fixture
-def secure(spawn, keys) -> Iterator[tuple[str, str, object]]:
-    frontend, backend = f"tcp://127.0.0.1:{free_tcp_port()}", f"tcp://127.0.0.1:{free_tcp_port()}"
-    broker = spawn(
-        "broker",
-        "--frontend",
-        frontend,
-        "--backend",
-        backend,
+def broker_keys(keys: dict[str, Path]) -> tuple[str, ...]:
+    return (
         "--secret-key",
         str(keys["broker"]),
         "--worker-keys",
@@ -61,15 +50,21 @@ def secure(spawn, keys) -> Iterator[tuple[str, str, object]]:
         "--aggregator-keys",
         str(keys["aggregators"]),
     )
-    spawn(
-        "aggregator",
-        "--backend",
-        backend,
-        "--secret-key",
-        str(keys["aggregator"]),
-        "--server-key",
-        str(keys["broker_public"]),
-    )
+
+
+def aggregator_keys(keys: dict[str, Path]) -> tuple[str, ...]:
+    return "--secret-key", str(keys["aggregator"]), "--server-key", str(keys["broker_public"])
+
+
+def client_keys(keys: dict[str, Path], who: str, server: str = "broker_public") -> ClientKeys:
+    return ClientKeys.load(keys[who], keys[server])
+
+
+@pytest.fixture
+def secure(spawn, keys) -> Iterator[tuple[str, str, object]]:
+    frontend, backend = f"tcp://127.0.0.1:{free_tcp_port()}", f"tcp://127.0.0.1:{free_tcp_port()}"
+    broker = spawn("broker", "--frontend", frontend, "--backend", backend, *broker_keys(keys))
+    spawn("aggregator", "--backend", backend, *aggregator_keys(keys))
     worker = client_keys(keys, "worker")
     wait_until(lambda: _live(frontend, worker), what="the aggregator to register over CurveZMQ")
     yield frontend, backend, broker
@@ -198,23 +193,9 @@ class Relay:
 @pytest.mark.parametrize("encrypted", [True, False])
 def test_traffic_is_encrypted(encrypted, keys, spawn):
     frontend, backend = f"tcp://127.0.0.1:{free_tcp_port()}", f"tcp://127.0.0.1:{free_tcp_port()}"
-    broker_keys = (
-        [
-            "--secret-key",
-            str(keys["broker"]),
-            "--worker-keys",
-            str(keys["workers"]),
-            "--aggregator-keys",
-            str(keys["aggregators"]),
-        ]
-        if encrypted
-        else []
-    )
-    aggregator_keys = (
-        ["--secret-key", str(keys["aggregator"]), "--server-key", str(keys["broker_public"])] if encrypted else []
-    )
-    spawn("broker", "--frontend", frontend, "--backend", backend, *broker_keys)
-    spawn("aggregator", "--backend", backend, *aggregator_keys)
+    key_args = (broker_keys(keys), aggregator_keys(keys)) if encrypted else ((), ())
+    spawn("broker", "--frontend", frontend, "--backend", backend, *key_args[0])
+    spawn("aggregator", "--backend", backend, *key_args[1])
     worker = client_keys(keys, "worker") if encrypted else None
     wait_until(lambda: _live(frontend, worker), what="the aggregator to register")
     relay = Relay(frontend)
