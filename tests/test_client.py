@@ -7,6 +7,8 @@ import signal
 
 import numpy as np
 import pytest
+import zmq
+import zmq.asyncio
 from conftest import wait_for_owner
 
 from psq.client import PushResult, Rejected, StatsClient, Unavailable
@@ -190,3 +192,40 @@ async def test_a_minimum_interval_between_sends_merges_the_pushes_in_between(clu
     want = Moments.of(np.concatenate(data), 0)
     assert final["bn"].count == want.count  # every sample arrived
     np.testing.assert_allclose(final["bn"].mean, want.mean, rtol=1e-10)
+
+
+async def test_malformed_replies_are_dropped_and_reported_not_trusted(ipc_dir):
+    """A raw ROUTER posing as the broker welcomes the client, then answers its pushes with
+    corrupt histories: the client refuses them, counts the errors and reports Unavailable."""
+    from psq import protocol
+
+    endpoint = f"ipc://{ipc_dir}/fake"
+    ctx = zmq.asyncio.Context.instance()
+    fake = ctx.socket(zmq.ROUTER)
+    fake.setsockopt(zmq.LINGER, 0)
+    fake.bind(endpoint)
+
+    done = asyncio.Event()
+
+    async def serve() -> None:
+        while not done.is_set():
+            if not await fake.poll(100, zmq.POLLIN):  # no recv is ever cancelled: stop by flag
+                continue
+            identity, envelope, *_ = await fake.recv_multipart()
+            command, key = protocol.parse_envelope(envelope)
+            if command is protocol.Command.HELLO:
+                await fake.send_multipart([identity, *protocol.encode_welcome(1)])
+            else:  # a HISTORY whose variances are negative and whose header lies about the seq
+                bad = protocol.HistoryReply(1, 0, b"\0" * 8, np.ones(1), np.zeros(2), -np.ones(2), np.ones(1, "<u8"))
+                await fake.send_multipart([identity, *protocol.encode_history(bad, key)])
+
+    server = asyncio.get_running_loop().create_task(serve())
+    try:
+        async with StatsClient(endpoint, job="job", worker="w0", timeout_s=0.3, retries=1) as client:
+            with pytest.raises(Unavailable):
+                await client.push(0, {"bn": Moments(4.0, np.zeros(2), np.ones(2))})
+            assert client.stats["errors"] >= 1 and client.stats["replies"] == 0
+    finally:
+        done.set()
+        await server
+        fake.close(linger=0)

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+import time
 
+import pytest
+import zmq
 from test_cli import run_psq
 from test_client import LAYERS, step_stats
 
+from psq import protocol
 from psq.client import StatsClient
 
 
@@ -47,3 +52,44 @@ def test_status_text_lists_the_same(cluster):
 def test_status_without_a_broker_fails_clearly(ipc_dir):
     out = run_psq("status", "--frontend", f"ipc://{ipc_dir}/none", "--timeout-s", "0.2")
     assert out.returncode == 1 and "did not answer within 0.2 s" in out.stderr
+
+
+def fake_broker(endpoint: str, answer) -> threading.Thread:
+    """A raw ROUTER posing as the broker: it answers one request with ``answer(frames)``."""
+
+    def serve() -> None:
+        sock = zmq.Context.instance().socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind(endpoint)
+        try:
+            if sock.poll(20_000):
+                identity, *frames = sock.recv_multipart()
+                sock.send_multipart([identity, *answer(frames)])
+                time.sleep(0.5)
+        finally:
+            sock.close(linger=0)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize(
+    "report",
+    [
+        {"broker": {}, "shards": 1, "aggregators": [{"shard": "zero"}], "workers": []},  # mistyped
+        {
+            "broker": {},
+            "shards": 1,
+            "aggregators": [{"shard": 5, "shards": 2, "name": "a", "alive": True, "last_seen_s": 0.1}],
+            "workers": [],
+        },  # impossible
+        {"hello": "world"},  # not a broker report at all
+    ],
+)
+def test_a_malformed_report_is_a_clear_error(ipc_dir, report):
+    endpoint = f"ipc://{ipc_dir}/fake"
+    thread = fake_broker(endpoint, lambda frames: protocol.encode_report(report))
+    out = run_psq("status", "--frontend", endpoint, "--timeout-s", "5")
+    thread.join(10)
+    assert out.returncode == 1 and "psq status: the broker at" in out.stderr
