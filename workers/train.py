@@ -87,9 +87,12 @@ def run_rank(settings: TrainSettings, rank: int, world: int, rendezvous: str | N
         result = _train(settings, [rank], world, model, ddp, loop, data, stop)
         stats = [None] * world
         dist.all_gather_object(stats, asdict(result[1]))
-        if rank != 0:
-            return None
-        return _finish(settings, world, model, data, result[0], stats)
+        out = _finish(settings, world, model, data, result[0], stats) if rank == 0 else None
+        # Every rank leaves together: a rank tearing the process group down while another still
+        # uses it made gloo abort ("terminate called without an active exception").
+        dist.barrier()
+        del ddp
+        return out
     finally:
         if loop is not None:
             loop.stop()
