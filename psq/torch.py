@@ -213,7 +213,7 @@ class PSBatchNorm(_BatchNorm):
         """
         assert self.loop is not None
         with torch.no_grad():
-            mean_b, var_b = batch_moments(x)
+            mean_b, _, var_b = batch_moments(x if x.dtype in _FLOAT_STATS else x.float())
         answer = self.loop.exchange(self.name, _submission(count, mean_b, var_b))
         own = Moments(count, mean_b.cpu().double().numpy(), var_b.cpu().double().numpy())
         # An incomplete answer (the step timed out, or this push came late) may not contain this
@@ -241,19 +241,18 @@ class PSBatchNorm(_BatchNorm):
             self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
 
 
-def batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and biased variance of an ``(N, C, ...)`` tensor, in float32 or float64.
+def batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-channel mean, the centred input ``x − mean`` and the biased variance of an
+    ``(N, C, ...)`` tensor in float32 or float64.
 
     Two passes (the mean, then the squares of the centred values): as stable as
     ``torch.var_mean`` and several times faster on CPU, where reducing over all dimensions but
     the second is slow.
     """
-    x = x if x.dtype in _FLOAT_STATS else x.float()
     dims = [0, *range(2, x.dim())]
-    n = x.numel() // x.size(1)
-    mean = x.sum(dims) / n
+    mean = x.mean(dims)
     centred = x - mean.view(_channel_shape(x))
-    return mean, (centred * centred).sum(dims) / n
+    return mean, centred, (centred * centred).mean(dims)
 
 
 def _channel_shape(x: torch.Tensor) -> list[int]:
@@ -294,10 +293,8 @@ class _BlendedNorm(torch.autograd.Function):
         low = x.dtype not in _FLOAT_STATS
         with torch.autocast(x.device.type, enabled=False) if low else contextlib.nullcontext():
             xs = x.float() if low else x
-            shape, dims = _channel_shape(xs), [0, *range(2, xs.dim())]
-            mean_b = xs.mean(dims)
-            d = xs - mean_b.view(shape)
-            var_b = (d * d).mean(dims)
+            shape = _channel_shape(xs)
+            mean_b, d, var_b = batch_moments(xs)
             if share:
                 delta = mean_b - mean_h
                 var = torch.lerp(var_b, var_h, share).addcmul_(delta, delta, value=share * (1 - share))
