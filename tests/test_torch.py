@@ -309,15 +309,13 @@ def test_distributed_data_parallel_trains_and_buffers_hold_each_ranks_cluster_hi
 
 def test_max_staleness_bounds_the_age_of_the_history_used(cluster):
     c = cluster(1)
-    ages = {}
-    for bound in (None, 1):
-        with WorkerLoop(c.endpoints.frontend, job=f"stale-{bound}", worker="w0", staleness_timeout_s=2.0) as loop:
-            layer = PSBatchNorm(4, max_staleness=bound, name="bn", loop=loop)
-            for _ in range(40):
-                layer(torch.randn(2, 4, 3, 3))
-            ages[bound] = loop.summary()["mean_staleness_steps"]
-    assert ages[1] <= 1.0  # every step waited (briefly) for the previous step's history
-    assert ages[None] >= ages[1]
+    with WorkerLoop(c.endpoints.frontend, job="stale", worker="w0", staleness_timeout_s=2.0) as loop:
+        layer = PSBatchNorm(4, max_staleness=1, name="bn", loop=loop)
+        for _ in range(40):  # far faster than a round trip: without the bound history would lag
+            layer(torch.randn(2, 4, 3, 3))
+        summary = loop.summary()
+    assert summary["staleness_waits"] > 0 and summary["staleness_timeouts"] == 0  # waited, and it came
+    assert summary["mean_staleness_steps"] <= 1.0  # every step used history at most one step old
 
 
 def test_max_staleness_waits_only_up_to_its_timeout_when_the_service_stalls(cluster):
