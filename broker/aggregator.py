@@ -47,7 +47,7 @@ class Aggregator:
         self.shard, self.shards = settings.shard
         self.name = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
         self.counters = Counters()
-        self.store = Store(self.shard, self.shards, settings.half_life)
+        self.store = Store(self.shard, self.shards, settings.half_life, settings.half_life_unit)
         self.sync = SyncSteps(settings.workers or 1, settings.sync_timeout_s) if settings.mode == "sync" else None
         self.keys = ClientKeys.load(settings.secret_key, settings.server_key)
         self.registered = False
@@ -86,7 +86,7 @@ class Aggregator:
         if path is None:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        store = snapshot.load(path, self.shard, self.shards, self.settings.half_life)
+        store = snapshot.load(path, self.shard, self.shards, self.settings.half_life, self.settings.half_life_unit)
         if store is not None:
             self.store = store
             log.info(
@@ -216,8 +216,8 @@ class Aggregator:
         job, _, _ = key
         pushes = [p for _, p in step.arrivals.values()]
         placement = self.store.admit(pushes[0])
-        pooled = step.pooled()
-        self.store.update(job, placement, pooled)
+        pooled, images = step.pooled()
+        self.store.update(job, placement, pooled, images)
         for push in pushes:
             self.store.remember(push)
         versions = self.store.jobs[job].versions[placement.layers].copy()

@@ -77,12 +77,17 @@ class AggregatorCollector:
         version = GaugeMetricFamily("psq_layer_version", "Updates applied to a layer's history", labels=labels)
         count = GaugeMetricFamily("psq_layer_count", "A layer's history count (decayed samples)", labels=labels)
         age = GaugeMetricFamily("psq_layer_staleness_seconds", "Seconds since a layer's last update", labels=labels)
+        grads = GaugeMetricFamily(
+            "psq_layer_gradient_count", "A layer's gradient history count (decayed samples)", labels=labels
+        )
         shard, now = str(a.shard), time.monotonic()
         for job_name, job in list(a.store.jobs.items()):
             names, versions, counts, updated = list(job.names), job.versions, job.counts, job.updated
-            for i in range(min(len(names), versions.size, counts.size, updated.size)):
+            grad_counts = job.grad_counts
+            for i in range(min(len(names), versions.size, counts.size, updated.size, grad_counts.size)):
                 key = [shard, job_name, names[i]]
                 version.add_metric(key, float(versions[i]))
                 count.add_metric(key, float(counts[i]))
                 age.add_metric(key, now - updated[i] if updated[i] else float("nan"))
-        yield from (version, count, age)
+                grads.add_metric(key, float(grad_counts[i]))
+        yield from (version, count, age, grads)

@@ -2,6 +2,8 @@
 
 File format: ``b"PSQSNAP"`` + format version (1 byte) + CRC-32 of the payload (4 bytes,
 little-endian) + the payload, one msgpack map with the arrays as raw little-endian bytes.
+Format 2 adds each job's gradient history and the half-life's unit; a format-1 snapshot still
+loads (no gradient history yet; its half-life counted elements).
 Writing goes to a temporary file in the same folder, fsynced, then renamed over the old
 snapshot (and the folder fsynced), so a crash leaves either the old or the new snapshot whole.
 Reading refuses a corrupt or incompatible file with a :class:`SnapshotError` and never
@@ -20,17 +22,20 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from broker.store import JobState, Store
+from broker.store import HALF_LIFE_UNITS, JobState, Store
 from psq.layout import Layout, LayoutError
-from psq.protocol import ProtocolError, check_stats
+from psq.protocol import ProtocolError, check_gradients, check_stats
+from psq.stats import LayerGradients
 
 log = logging.getLogger("psq.aggregator")
 
 MAGIC = b"PSQSNAP"
-FORMAT = 1
+FORMAT = 2
 _HEAD = struct.Struct("<7sBI")
-_KEYS = {"shard", "shards", "half_life", "jobs", "applied"}
-_JOB_KEYS = {"names", "channels", "counts", "means", "vars", "versions", "layouts"}
+_KEYS = {1: {"shard", "shards", "half_life", "jobs", "applied"}}
+_KEYS[2] = _KEYS[1] | {"half_life_unit"}
+_JOB_KEYS = {1: {"names", "channels", "counts", "means", "vars", "versions", "layouts"}}
+_JOB_KEYS[2] = _JOB_KEYS[1] | {"grad_counts", "grad_dy", "grad_dy_xhat"}
 
 
 class SnapshotError(Exception):
@@ -40,20 +45,23 @@ class SnapshotError(Exception):
 def dumps(store: Store) -> bytes:
     jobs = {}
     for name, job in store.jobs.items():
-        n = job.total
+        n, layers = job.total, len(job.names)
         jobs[name] = {
             "names": job.names,
             "channels": job.channels,
-            "counts": job.counts[: len(job.names)].astype("<f8").tobytes(),
+            "counts": job.counts[:layers].astype("<f8").tobytes(),
             "means": job.mean[:n].astype("<f8").tobytes(),
             "vars": job.var[:n].astype("<f8").tobytes(),
-            "versions": job.versions[: len(job.names)].astype("<u8").tobytes(),
+            "versions": job.versions[:layers].astype("<u8").tobytes(),
             "layouts": [[list(p.layout.names), list(p.layout.channels)] for p in job.placements.values()],
+            "grad_counts": job.grad_counts[:layers].astype("<f8").tobytes(),
+            "grad_dy": job.grad_dy[:n].astype("<f8").tobytes(),
+            "grad_dy_xhat": job.grad_dy_xhat[:n].astype("<f8").tobytes(),
         }
     applied = [[j, w, s, q] for (j, w, s), q in store.applied.items()]
+    header = {"shard": store.shard, "shards": store.shards, "half_life": store.half_life}
     payload = msgpack.packb(
-        {"shard": store.shard, "shards": store.shards, "half_life": store.half_life, "jobs": jobs, "applied": applied},
-        use_bin_type=True,
+        {**header, "half_life_unit": store.unit, "jobs": jobs, "applied": applied}, use_bin_type=True
     )
     return _HEAD.pack(MAGIC, FORMAT, zlib.crc32(payload)) + payload
 
@@ -82,7 +90,7 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.close(folder)
 
 
-def load(path: Path, shard: int, shards: int, half_life: float) -> Store | None:
+def load(path: Path, shard: int, shards: int, half_life: float, unit: str = "images") -> Store | None:
     """The store saved at ``path``; None when there is no file yet."""
     try:
         data = path.read_bytes()
@@ -91,24 +99,25 @@ def load(path: Path, shard: int, shards: int, half_life: float) -> Store | None:
     except OSError as exc:  # a folder, no permission: say so, keep the file
         raise SnapshotError(f"cannot read snapshot {path}: {exc}") from None
     try:
-        return loads(data, shard, shards, half_life)
+        return loads(data, shard, shards, half_life, unit)
     except SnapshotError as exc:
         raise SnapshotError(f"cannot resume from snapshot {path}: {exc} (the file is left as it is)") from None
 
 
-def loads(data: bytes, shard: int, shards: int, half_life: float) -> Store:
-    payload = _payload(data)
+def loads(data: bytes, shard: int, shards: int, half_life: float, unit: str = "images") -> Store:
+    fmt, payload = _payload(data)
     if (payload["shard"], payload["shards"]) != (shard, shards):
         raise SnapshotError(
             f"it holds shard {payload['shard']}/{payload['shards']}, this aggregator is {shard}/{shards}"
         )
-    if payload["half_life"] != half_life:
+    written = (payload["half_life"], payload.get("half_life_unit", "elements"))
+    if written != (half_life, unit):
         log.warning(
-            "aggregator: snapshot was written with half-life %s, continuing with %s", payload["half_life"], half_life
+            "aggregator: snapshot was written with half-life %s %s, continuing with %s %s", *written, half_life, unit
         )
-    store = Store(shard, shards, half_life)
+    store = Store(shard, shards, half_life, unit)
     for name, fields in payload["jobs"].items():
-        store.jobs[name] = _job(name, fields)
+        store.jobs[name] = _job(name, fields, fmt)
         store.layouts.update((p.layout.id, p.layout) for p in store.jobs[name].placements.values())
     for entry in payload["applied"]:
         if not (
@@ -122,14 +131,14 @@ def loads(data: bytes, shard: int, shards: int, half_life: float) -> Store:
     return store
 
 
-def _payload(data: bytes) -> dict[str, Any]:
+def _payload(data: bytes) -> tuple[int, dict[str, Any]]:
     if len(data) < _HEAD.size:
         raise SnapshotError(f"it has {len(data)} bytes, fewer than a snapshot's {_HEAD.size}-byte header")
     magic, fmt, crc = _HEAD.unpack_from(data)
     if magic != MAGIC:
         raise SnapshotError(f"it is not a psq snapshot (starts {bytes(magic)!r}, expected {MAGIC!r})")
-    if fmt != FORMAT:
-        raise SnapshotError(f"snapshot format {fmt} is not supported (this aggregator reads {FORMAT})")
+    if fmt not in _KEYS:
+        raise SnapshotError(f"snapshot format {fmt} is not supported (this aggregator reads {sorted(_KEYS)})")
     body = memoryview(data)[_HEAD.size :]
     if zlib.crc32(body) != crc:
         raise SnapshotError("its checksum does not match: the file is corrupt or truncated")
@@ -138,16 +147,18 @@ def _payload(data: bytes) -> dict[str, Any]:
     # Any failure to parse is a damaged file, whatever msgpack raises.
     except Exception as exc:
         raise SnapshotError(f"its payload is not valid msgpack: {exc}") from None
-    if not isinstance(payload, dict) or set(payload) != _KEYS:
-        raise SnapshotError(f"its payload must be a map with keys {sorted(_KEYS)}")
+    if not isinstance(payload, dict) or set(payload) != _KEYS[fmt]:
+        raise SnapshotError(f"its payload must be a map with keys {sorted(_KEYS[fmt])}")
     if not isinstance(payload["jobs"], dict) or not isinstance(payload["applied"], list):
         raise SnapshotError("'jobs' must be a map and 'applied' a list")
-    return payload
+    if payload.get("half_life_unit", "elements") not in HALF_LIFE_UNITS:
+        raise SnapshotError(f"'half_life_unit' must be one of {HALF_LIFE_UNITS}")
+    return fmt, payload
 
 
-def _job(name: str, fields: Any) -> JobState:
-    if not isinstance(name, str) or not isinstance(fields, dict) or set(fields) != _JOB_KEYS:
-        raise SnapshotError(f"job {name!r:.40} must be a map with keys {sorted(_JOB_KEYS)}")
+def _job(name: str, fields: Any, fmt: int) -> JobState:
+    if not isinstance(name, str) or not isinstance(fields, dict) or set(fields) != _JOB_KEYS[fmt]:
+        raise SnapshotError(f"job {name!r:.40} must be a map with keys {sorted(_JOB_KEYS[fmt])}")
     try:
         layout = Layout(tuple(fields["names"]), tuple(fields["channels"]))
     except (LayoutError, TypeError) as exc:
@@ -156,18 +167,35 @@ def _job(name: str, fields: Any) -> JobState:
     means = _array(fields["means"], "<f8", layout.total, name, "means")
     var = _array(fields["vars"], "<f8", layout.total, name, "vars")
     versions = _array(fields["versions"], "<u8", layout.layers, name, "versions")
+    gradients = _gradients(fields, layout, name) if fmt >= 2 else None
     try:
         check_stats(counts, means, var)
+        if gradients is not None:
+            check_gradients(gradients)
     except ProtocolError as exc:
         raise SnapshotError(f"job {name!r}: {exc.message}") from None
     job = JobState()
     job.place(layout)
     for placed in _layouts(fields["layouts"], job, name):
         job.place(placed)
-    n = layout.total
-    job.counts[: layout.layers], job.mean[:n], job.var[:n] = counts, means, var
-    job.versions[: layout.layers] = versions
+    n, layers = layout.total, layout.layers
+    job.counts[:layers], job.mean[:n], job.var[:n] = counts, means, var
+    job.versions[:layers] = versions
+    if gradients is not None:
+        job.grad_counts[:layers], job.grad_dy[:n], job.grad_dy_xhat[:n] = (
+            gradients.counts,
+            gradients.dy,
+            gradients.dy_xhat,
+        )
     return job
+
+
+def _gradients(fields: dict[str, Any], layout: Layout, name: str) -> LayerGradients:
+    return LayerGradients(
+        _array(fields["grad_counts"], "<f8", layout.layers, name, "grad_counts"),
+        _array(fields["grad_dy"], "<f8", layout.total, name, "grad_dy"),
+        _array(fields["grad_dy_xhat"], "<f8", layout.total, name, "grad_dy_xhat"),
+    )
 
 
 def _layouts(raw: Any, job: JobState, name: str) -> list[Layout]:

@@ -1,9 +1,10 @@
 """The aggregator's store: the one object that owns the statistics of a shard.
 
 Per job, every layer's history lives in flat float64 arrays (a count per layer; means and
-variances of all channels end to end), so one push updates all its layers with a handful of
-numpy calls into preallocated buffers.  A layout's layers usually sit contiguously (the first push of a layout
-appends them in its order), and then the update works on views, in place.
+variances of all channels end to end; and the same for the gradient means of the backward), so
+one push updates all its layers with a handful of numpy calls into preallocated buffers.  A
+layout's layers usually sit contiguously (the first push of a layout appends them in its
+order), and then the update works on views, in place.
 
 Every push is validated before it touches anything (:mod:`psq.protocol` checks the frames;
 :meth:`Store.admit` checks that its layers belong here and fit), and an update from a
@@ -20,11 +21,12 @@ import numpy as np
 
 from psq.layout import Layout, shard_of
 from psq.protocol import ErrorCode, HistoryReply, ProtocolError, Push
-from psq.stats import LayerMoments, Scratch, accumulate_into
+from psq.stats import LayerGradients, LayerMoments, Scratch, accumulate_into, accumulate_means_into, decay
 
 MAX_JOBS = 1024
 MAX_CHANNELS = 1 << 26  # per aggregator: 64 M channels, 1.5 GiB of float64 state
 MAX_SESSIONS = 100_000  # remembered (job, worker, session) sequence numbers, oldest dropped first
+HALF_LIFE_UNITS = ("images", "elements")
 
 
 @dataclass
@@ -35,7 +37,7 @@ class Placement:
     channels: slice | np.ndarray  # positions of the layout's channels in the job's arrays
     layers: slice | np.ndarray  # positions of its layers (counts and versions)
     scratch: Scratch
-    replies: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    replies: dict[str, tuple[np.ndarray, ...]] = field(default_factory=dict)  # cast buffers per dtype
 
     @property
     def contiguous(self) -> bool:
@@ -56,6 +58,9 @@ class JobState:
         self.var = np.zeros(0)
         self.versions = np.zeros(0, np.uint64)
         self.updated = np.zeros(0)  # time.monotonic() of each layer's last update, 0 before any
+        self.grad_counts = np.zeros(0)  # per layer: the backward's statistics
+        self.grad_dy = np.zeros(0)
+        self.grad_dy_xhat = np.zeros(0)
         self.placements: dict[bytes, Placement] = {}
 
     def conflicts(self, layout: Layout) -> str | None:
@@ -87,11 +92,12 @@ class JobState:
         self.total += channels
         if self.total > self.mean.size:
             capacity = max(self.total, 2 * self.mean.size)
-            self.mean, self.var = _grown(self.mean, capacity), _grown(self.var, capacity)
+            for name in _PER_CHANNEL:
+                setattr(self, name, _grown(getattr(self, name), capacity))
         if len(self.names) > self.versions.size:
             capacity = max(16, 2 * self.versions.size)
-            self.counts, self.versions = _grown(self.counts, capacity), _grown(self.versions, capacity)
-            self.updated = _grown(self.updated, capacity)
+            for name in _PER_LAYER:
+                setattr(self, name, _grown(getattr(self, name), capacity))
 
     def _placement(self, layout: Layout) -> Placement:
         layer_pos = np.array([self.index[n] for n in layout.names], dtype=np.intp)
@@ -102,11 +108,24 @@ class JobState:
         """The layout's history: views when contiguous, else a gathered copy (see :meth:`put`)."""
         return LayerMoments(self.counts[p.layers], self.mean[p.channels], self.var[p.channels])
 
-    def put(self, p: Placement, h: LayerMoments) -> None:
+    def gradients(self, p: Placement) -> LayerGradients:
+        """The layout's gradient history, as :meth:`history`."""
+        return LayerGradients(self.grad_counts[p.layers], self.grad_dy[p.channels], self.grad_dy_xhat[p.channels])
+
+    def put(self, p: Placement, h: LayerMoments, g: LayerGradients | None = None) -> None:
+        """Write back what :meth:`history` and :meth:`gradients` gathered (views need nothing)."""
         if not isinstance(p.layers, slice):
             self.counts[p.layers] = h.counts
+            if g is not None:
+                self.grad_counts[p.layers] = g.counts
         if not p.contiguous:
             self.mean[p.channels], self.var[p.channels] = h.mean, h.var
+            if g is not None:
+                self.grad_dy[p.channels], self.grad_dy_xhat[p.channels] = g.dy, g.dy_xhat
+
+
+_PER_CHANNEL = ("mean", "var", "grad_dy", "grad_dy_xhat")
+_PER_LAYER = ("counts", "versions", "updated", "grad_counts")
 
 
 def _as_slice(positions: np.ndarray) -> slice | np.ndarray:
@@ -126,8 +145,10 @@ def _grown(a: np.ndarray, capacity: int) -> np.ndarray:
 class Store:
     """All jobs' statistics of one shard, with the policy of how updates apply."""
 
-    def __init__(self, shard: int, shards: int, half_life: float) -> None:
-        self.shard, self.shards, self.half_life = shard, shards, half_life
+    def __init__(self, shard: int, shards: int, half_life: float, unit: str = "images") -> None:
+        if unit not in HALF_LIFE_UNITS:
+            raise ValueError(f"the half-life counts one of {HALF_LIFE_UNITS}, got {unit!r}")
+        self.shard, self.shards, self.half_life, self.unit = shard, shards, half_life, unit
         self.jobs: dict[str, JobState] = {}
         self.layouts: dict[bytes, Layout] = {}  # every layout placed in some job, by id
         self.applied: OrderedDict[tuple[str, str, int], int] = OrderedDict()
@@ -177,16 +198,34 @@ class Store:
         if self.is_duplicate(push):
             self.duplicates += 1
         else:
-            self.update(push.job, placement, LayerMoments(push.counts, push.means, push.var))
+            self.update(
+                push.job, placement, LayerMoments(push.counts, push.means, push.var), push.images, push.gradients
+            )
             self.remember(push)
-        return self.reply(push.job, placement, push.seq, push.step, push.reply_dtype)
+        return self.reply(
+            push.job, placement, push.seq, push.step, push.reply_dtype, gradients=push.gradients is not None
+        )
 
-    def update(self, job_name: str, placement: Placement, batch: LayerMoments) -> None:
-        """``H ← merge(scale(H, 2^(−nB/h)), B)`` for all the placement's layers at once."""
-        job = self.jobs[job_name]
-        h = job.history(placement)
-        accumulate_into(h, batch, placement.layout.widths, placement.scratch, self.half_life)
-        job.put(placement, h)
+    def update(
+        self,
+        job_name: str,
+        placement: Placement,
+        batch: LayerMoments,
+        images: np.ndarray,
+        gradients: LayerGradients | None = None,
+    ) -> None:
+        """``H ← merge(scale(H, 2^(−S/h)), B)`` for all the placement's layers at once, ``S`` the
+        arriving images (or elements).  The gradient history ages by the same factor: it is the
+        same stream of images, seen by the backward."""
+        job, widths, scratch = self.jobs[job_name], placement.layout.widths, placement.scratch
+        kept = decay(images if self.unit == "images" else batch.counts, self.half_life)
+        h, g = job.history(placement), job.gradients(placement)
+        accumulate_into(h, batch, widths, scratch, kept)
+        if gradients is not None:
+            accumulate_means_into(g, gradients, widths, scratch, kept)
+        else:  # a forward without a backward: its images age the gradient history all the same
+            g.counts[...] *= kept
+        job.put(placement, h, g)
         job.versions[placement.layers] += np.uint64(1)
         job.updated[placement.layers] = time.monotonic()
         self.updates += 1
@@ -200,41 +239,58 @@ class Store:
             self.applied.popitem(last=False)
 
     def reply(
-        self, job_name: str, placement: Placement, seq: int, step: int, dtype: str, complete: bool = True
+        self,
+        job_name: str,
+        placement: Placement,
+        seq: int,
+        step: int,
+        dtype: str,
+        complete: bool = True,
+        gradients: bool = False,
     ) -> HistoryReply:
-        """The placement's history.  Its arrays may be views into the store, valid until the
-        next update: encode and send it at once (the socket copies it out)."""
-        job = self.jobs[job_name]
-        means, var = job.mean[placement.channels], job.var[placement.channels]
-        if dtype != "<f8":  # cast into this layout's reply buffers: no allocation per message
-            if dtype not in placement.replies:
-                placement.replies[dtype] = (np.empty(means.size, dtype), np.empty(means.size, dtype))
-            out_means, out_var = placement.replies[dtype]
-            np.copyto(out_means, means, casting="same_kind")
-            np.copyto(out_var, var, casting="same_kind")
-            means, var = out_means, out_var
+        """The placement's history (with its gradient history if asked).  Its arrays may be views
+        into the store, valid until the next update: encode and send it at once (the socket
+        copies it out)."""
+        job, ch = self.jobs[job_name], placement.channels
+        means, var = _cast(placement, dtype, "moments", job.mean[ch], job.var[ch])
+        g = None
+        if gradients:
+            dy, dy_xhat = _cast(placement, dtype, "gradients", job.grad_dy[ch], job.grad_dy_xhat[ch])
+            g = LayerGradients(job.grad_counts[placement.layers], dy, dy_xhat)
         return HistoryReply(
-            seq,
-            step,
-            placement.layout.id,
-            job.counts[placement.layers],
-            means,
-            var,
-            job.versions[placement.layers],
-            complete,
-        )
+            seq, step, placement.layout.id, job.counts[placement.layers], means, var, job.versions[placement.layers],
+            complete, g,
+        )  # fmt: skip
 
     # -- status -----------------------------------------------------------------------------
 
     def report(self) -> dict[str, object]:
         jobs = {}
         for name, job in self.jobs.items():
-            jobs[name] = [[n, float(job.counts[i]), int(job.versions[i])] for i, n in enumerate(job.names)]
+            jobs[name] = [
+                [n, float(job.counts[i]), int(job.versions[i]), float(job.grad_counts[i])]
+                for i, n in enumerate(job.names)
+            ]
         return {
             "shard": self.shard,
             "shards": self.shards,
             "half_life": self.half_life,
+            "half_life_unit": self.unit,
             "updates": self.updates,
             "duplicates": self.duplicates,
             "jobs": jobs,
         }
+
+
+def _cast(placement: Placement, dtype: str, what: str, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``arrays`` in the reply dtype: float64 views as they are, else cast into this layout's
+    reply buffers (no allocation per message)."""
+    if dtype == "<f8":
+        return arrays
+    key = f"{what}{dtype}"
+    if key not in placement.replies:
+        placement.replies[key] = tuple(np.empty(a.size, dtype) for a in arrays)
+    out = placement.replies[key]
+    for o, a in zip(out, arrays):
+        np.copyto(o, a, casting="same_kind")
+    return out

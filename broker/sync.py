@@ -28,14 +28,16 @@ class Step:
         default_factory=dict
     )  # (worker, session) -> (route, push)
 
-    def pooled(self) -> LayerMoments:
-        """Exact moments of the union of every arrival's batch."""
+    def pooled(self) -> tuple[LayerMoments, np.ndarray]:
+        """Exact moments of the union of every arrival's batch, and its images per layer."""
         layout = next(iter(self.arrivals.values()))[1].layout
         acc = LayerMoments(np.zeros(layout.layers), np.zeros(layout.total), np.zeros(layout.total))
+        images = np.zeros(layout.layers)
         scratch = Scratch(layout.total)
         for _, push in self.arrivals.values():
             accumulate_into(acc, LayerMoments(push.counts, push.means, push.var), layout.widths, scratch)
-        return acc
+            images += push.images
+        return acc, images
 
 
 @dataclass(frozen=True)

@@ -83,23 +83,21 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--max-workers", type=_checked(config.positive_int), default=512, help="stop there (default 512)")
     load.add_argument("--shards", type=_choices("124"), default="124", help="shard counts to try (default 124)")
     load.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    acc = benches.add_parser("accuracy", help="test accuracy on digits: local BN, synchronized BN, psq")
-    acc.add_argument("--settings", type=_choices("abc"), default="abc", help="which of settings a, b, c (default abc)")
+    acc = benches.add_parser("accuracy", help="test accuracy on digits: per-worker, synchronized and psq batch norm")
+    acc.add_argument(
+        "--settings", type=_choices("abcde"), default="abcde", help="which of settings a-e (default abcde)"
+    )
     acc.add_argument(
         "--seeds", type=_checked(config.positive_int), default=3, help="seeds per setting and method (default 3)"
     )
     acc.add_argument("--epochs", type=_checked(config.positive_int), default=5, help="epochs per run (default 5)")
     acc.add_argument(
-        "--history-weight",
-        type=_checked(config.unit_interval),
-        default=0.75,
-        help="psq's history weight (default 0.75)",
-    )
-    acc.add_argument(
-        "--half-life",
-        type=_checked(config.positive_float),
-        default=4096.0,
-        help="the aggregator's half-life in samples",
+        "--methods",
+        nargs="+",
+        type=_lazy_checked("workers.accuracy_bench", "method"),
+        default=None,
+        help="local, syncbn, psq, psq-renorm, or variants like psq:history_weight=0.8,half_life=64 "
+        "(default: local syncbn psq psq-renorm)",
     )
     acc.add_argument(
         "--max-steps-per-epoch",
@@ -174,12 +172,12 @@ def _bench(args: argparse.Namespace) -> None:
     elif args.bench == "accuracy":
         from workers import accuracy_bench
 
+        methods = args.methods or [accuracy_bench.method(m) for m in accuracy_bench.DEFAULT_METHODS]
         accuracy_bench.run(
             tuple(args.settings),
             tuple(range(args.seeds)),
             args.epochs,
-            args.history_weight,
-            args.half_life,
+            tuple(methods),
             args.out,
             args.json,
             args.max_steps_per_epoch,
@@ -270,6 +268,18 @@ def _checked(parse: Callable[[str], object]) -> Callable[[str], object]:
             raise argparse.ArgumentTypeError(str(exc)) from None
 
     convert.__name__ = parse.__name__
+    return convert
+
+
+def _lazy_checked(module: str, parser: str) -> Callable[[str], object]:
+    """:func:`_checked` for a parser in a module imported only when a flag needs it."""
+
+    def convert(text: str) -> object:
+        import importlib
+
+        return _checked(getattr(importlib.import_module(module), parser))(text)
+
+    convert.__name__ = parser
     return convert
 
 

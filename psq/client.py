@@ -3,8 +3,11 @@
 ::
 
     async with StatsClient("tcp://127.0.0.1:5555", job="resnet", worker="rank0") as client:
-        history = await client.push(step, {"layer1.bn": Moments(count, mean, var), ...})
+        history = await client.push(step, {"layer1.bn": Moments(count, mean, var), ...}, images={...})
         history["layer1.bn"].mean, history.versions["layer1.bn"]
+
+``gradients={layer: GradientMeans(...)}`` sends the backward's statistics too; the reply then
+carries the gradient history (``history.gradient("layer1.bn")``).
 
 Each push becomes one message per shard, carrying all of that shard's layers.  At most one
 request per shard is in flight; pushes made meanwhile are merged exactly (:func:`psq.stats.merge`)
@@ -41,7 +44,15 @@ from psq.layout import Layout, LayoutError, shard_of
 from psq.protocol import BROKER_KEY, Command, ErrorCode, HistoryReply, ProtocolError
 from psq.security import ClientKeys
 from psq.sockets import tune
-from psq.stats import LayerMoments, Moments, Scratch, accumulate_into
+from psq.stats import (
+    GradientMeans,
+    LayerGradients,
+    LayerMoments,
+    Moments,
+    Scratch,
+    accumulate_into,
+    accumulate_means_into,
+)
 
 log = logging.getLogger("psq.client")
 
@@ -84,7 +95,7 @@ class PushResult(Mapping[str, Moments]):
     def __getitem__(self, name: str) -> Moments:
         p, i = self._where[name]
         layout, reply = self.parts[p]
-        sl = slice(int(layout.offsets[i]), int(layout.offsets[i + 1]))
+        sl = layout.slice(name)
         return Moments(float(reply.counts[i]), reply.means[sl], reply.var[sl])
 
     def __iter__(self) -> Iterator[str]:
@@ -96,6 +107,16 @@ class PushResult(Mapping[str, Moments]):
     @cached_property
     def versions(self) -> dict[str, int]:
         return {name: int(self.parts[p][1].versions[i]) for name, (p, i) in self._where.items()}
+
+    def gradient(self, name: str) -> GradientMeans | None:
+        """The gradient history of a layer, when its push carried gradients (else None)."""
+        p, i = self._where[name]
+        layout, reply = self.parts[p]
+        g = reply.gradients
+        if g is None:
+            return None
+        sl = layout.slice(name)
+        return GradientMeans(float(g.counts[i]), g.dy[sl], g.dy_xhat[sl])
 
     @property
     def complete(self) -> bool:
@@ -126,17 +147,34 @@ class _Pending:
 
     layout: Layout
     stats: LayerMoments
+    images: np.ndarray
+    gradients: LayerGradients | None
     step: int
     dtype: str
     waiters: list[asyncio.Future[Any]] = field(default_factory=list)
     merged: bool = False
 
-    def merge(self, other: LayerMoments, scratch: Scratch) -> None:
+    def merge(self, other: _Pending, scratch: Scratch) -> None:
+        """Pool ``other`` into this update exactly: moments, images and gradient means."""
         if not self.merged:
-            s = self.stats
+            s, g = self.stats, self.gradients
             self.stats = LayerMoments(s.counts.copy(), s.mean.astype(np.float64), s.var.astype(np.float64))
+            self.images = self.images.copy()
+            self.gradients = None if g is None else _gradients_f64(g)
             self.merged = True
-        accumulate_into(self.stats, other, self.layout.widths, scratch)
+        widths = self.layout.widths
+        accumulate_into(self.stats, other.stats, widths, scratch)
+        self.images += other.images
+        if other.gradients is not None:
+            if self.gradients is None:
+                self.gradients = _gradients_f64(other.gradients)
+            else:
+                accumulate_means_into(self.gradients, other.gradients, widths, scratch)
+        self.step = max(self.step, other.step)
+
+
+def _gradients_f64(g: LayerGradients) -> LayerGradients:
+    return LayerGradients(g.counts.copy(), g.dy.astype(np.float64), g.dy_xhat.astype(np.float64))
 
 
 @dataclass(eq=False)
@@ -215,12 +253,24 @@ class StatsClient:
             self._shards = await self._request_once(BROKER_KEY, protocol.encode_hello(self.job, self.worker))
         return self._shards
 
-    async def push(self, step: int, stats: Mapping[str, Moments], dtype: str | None = None) -> PushResult:
+    async def push(
+        self,
+        step: int,
+        stats: Mapping[str, Moments],
+        dtype: str | None = None,
+        *,
+        images: Mapping[str, float] | None = None,
+        gradients: Mapping[str, GradientMeans] | None = None,
+    ) -> PushResult:
         """Send one step's statistics ``{layer: Moments}`` and return the history of those layers.
 
-        ``dtype`` of the wire (``"<f4"`` or ``"<f8"``) defaults to float64 when the means are
-        float64, else float32; the history comes back in the same dtype.  Raises
-        :class:`Unavailable` or :class:`Rejected`; never waits longer than the retries allow.
+        ``images`` (per layer) are the batch items behind each layer's count, the unit of the
+        aggregator's half-life; a layer not named there counts each element as an image.
+        ``gradients`` (per layer, any subset) are the backward's statistics; the history then
+        carries the gradient history too.  ``dtype`` of the wire (``"<f4"`` or ``"<f8"``)
+        defaults to float64 when the means are float64, else float32; the history comes back
+        in the same dtype.  Raises :class:`Unavailable` or :class:`Rejected`; never waits longer
+        than the retries allow.
         """
         if not stats:
             raise ValueError("push needs the statistics of at least one layer")
@@ -234,7 +284,10 @@ class StatsClient:
             raise Unavailable({"broker": str(exc)}, PushResult(step, ())) from None
         plan = self._plan(stats, shards)
         wire = dtype or ("<f8" if np.asarray(next(iter(stats.values())).mean).dtype == np.float64 else "<f4")
-        futures = {shard: self._enqueue(shard, layout, step, stats, wire) for shard, layout in plan}
+        futures = {
+            shard: self._enqueue(shard, self._flatten(layout, step, stats, wire, images, gradients))
+            for shard, layout in plan
+        }
         self.stats["pushes"] += 1
         return await self._collect(step, futures)
 
@@ -254,21 +307,34 @@ class StatsClient:
             self._plans[key] = plan
         return plan
 
-    def _enqueue(
-        self, shard: int, layout: Layout, step: int, stats: Mapping[str, Moments], dtype: str
-    ) -> asyncio.Future[Any]:
+    @staticmethod
+    def _flatten(
+        layout: Layout,
+        step: int,
+        stats: Mapping[str, Moments],
+        dtype: str,
+        images: Mapping[str, float] | None,
+        gradients: Mapping[str, GradientMeans] | None,
+    ) -> _Pending:
+        """One shard's part of a push, as flat arrays in the wire dtype."""
+        kind = np.dtype(dtype).type
         try:
-            flat = LayerMoments(*layout.flatten(stats, np.dtype(dtype).type))
+            flat = LayerMoments(*layout.flatten(stats, kind))
+            grads = None if gradients is None else layout.flatten_gradients(gradients, kind)
         except LayoutError as exc:
             raise Rejected(ErrorCode.LAYOUT, str(exc)) from None
+        return _Pending(layout, flat, layout.per_layer(images or {}, flat.counts), grads, step, dtype)
+
+    def _enqueue(self, shard: int, update: _Pending) -> asyncio.Future[Any]:
         channel = self._channels.setdefault(shard, _Channel())
         future: asyncio.Future[Any] = self._running_loop().create_future()
+        layout = update.layout
         pending = channel.pending.get(layout.id)
         if pending is None:
-            channel.pending[layout.id] = _Pending(layout, flat, step, dtype, [future])
+            update.waiters.append(future)
+            channel.pending[layout.id] = update
         else:  # a request is in flight: merge exactly into what waits for it
-            pending.merge(flat, self._scratch.setdefault(layout.id, Scratch(layout.total)))
-            pending.step = max(pending.step, step)
+            pending.merge(update, self._scratch.setdefault(layout.id, Scratch(layout.total)))
             pending.waiters.append(future)
             self.stats["coalesced"] += 1
         if channel.inflight is None:
@@ -285,7 +351,7 @@ class StatsClient:
         channel.last_sent = self._running_loop().time()
         _, pending = channel.pending.popitem(last=False)
         self._seq += 1
-        layout, m = pending.layout, pending.stats
+        layout, m, g, dtype = pending.layout, pending.stats, pending.gradients, pending.dtype
         push = protocol.Push(
             self.job,
             self.worker,
@@ -294,9 +360,13 @@ class StatsClient:
             pending.step,
             layout,
             m.counts,
-            m.mean.astype(pending.dtype, copy=False),
-            m.var.astype(pending.dtype, copy=False),
-            pending.dtype,
+            m.mean.astype(dtype, copy=False),
+            m.var.astype(dtype, copy=False),
+            pending.images,
+            dtype,
+            None
+            if g is None
+            else LayerGradients(g.counts, g.dy.astype(dtype, copy=False), g.dy_xhat.astype(dtype, copy=False)),
         )
         with_layout = layout.id not in channel.known_layouts
         frames = protocol.encode_push(push, shard, with_layout)

@@ -21,6 +21,7 @@ from psq.protocol import DEFAULT_MAX_BYTES, MAX_SHARDS
 ENV_PREFIX = "PSQ_"
 DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
 DEFAULT_BACKEND = "tcp://127.0.0.1:5556"
+DEFAULT_HALF_LIFE_IMAGES = 128.0  # chosen on digits settings (a) and (b): docs/accuracy.md
 
 
 class SettingsError(ValueError):
@@ -145,7 +146,16 @@ class BrokerSettings:
 class AggregatorSettings:
     shard: tuple[int, int] = setting((0, 1), "the shard this aggregator owns, as i/n", shard_spec, metavar="I/N")
     backend: str = setting(DEFAULT_BACKEND, "the broker's backend address (connected to)", endpoint)
-    half_life: float = setting(1e6, "history half-life in samples (per-channel elements: N*H*W)", positive_float)
+    half_life: float = setting(
+        DEFAULT_HALF_LIFE_IMAGES,
+        "history half-life: a batch's weight halves with every this many images the job sends after it",
+        positive_float,
+    )
+    half_life_unit: str = setting(
+        "images",
+        "what --half-life counts: images (batch items), or elements (per-channel values, N*H*W; advanced)",
+        choice("images", "elements"),
+    )
     snapshot: Path | None = setting(None, "snapshot file: resumed from at start, written atomically", optional_path)
     snapshot_interval_s: float = setting(5.0, "seconds between snapshots (and one on SIGTERM)", positive_float)
     mode: str = setting(
@@ -185,9 +195,28 @@ class TrainSettings:
     workers: int = setting(2, "worker processes, when not started by torchrun", positive_int)
     epochs: int = setting(5, "passes over the training set", positive_int)
     batch: int = setting(1, "per-worker batch size", positive_int)
-    lr: float = setting(0.05, "peak learning rate (SGD, momentum 0.9, cosine schedule)", positive_float)
+    model: str = setting(
+        "cnn",
+        "cnn: a 3-conv CNN on the 8x8 digits; resnet: a small ResNet on them upsampled to 32x32",
+        choice("cnn", "resnet"),
+    )
+    lr: float | None = setting(
+        None,
+        "peak learning rate, SGD with momentum 0.9 and a cosine schedule (none: 0.1 x global batch / 64)",
+        positive_float,
+    )
     seed: int = setting(0, "seed of the model, the shards and the batch order", non_negative_int)
-    history_weight: float = setting(0.75, "psq: the history's largest share of the statistics", unit_interval)
+    history_weight: float | None = setting(
+        None, "psq: the history's largest share of the statistics (none: PSBatchNorm's default)", unit_interval
+    )
+    gradient_history_weight: float | None = setting(
+        None, "psq: the same for the backward's statistics (none: the history weight)", unit_interval
+    )
+    gradient: str = setting(
+        "cluster",
+        "psq: the backward, cluster (with the cluster's gradient history), renorm or exact (for comparison)",
+        choice("cluster", "renorm", "exact"),
+    )
     sharding: str = setting(
         "iid", "how training images are dealt to workers: iid, skewed, split", choice("iid", "skewed", "split")
     )

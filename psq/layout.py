@@ -17,7 +17,7 @@ from functools import cached_property
 import msgpack
 import numpy as np
 
-from psq.stats import Moments
+from psq.stats import GradientMeans, LayerGradients, Moments
 
 ID_BYTES = 8
 MAX_LAYERS = 65_536
@@ -100,6 +100,26 @@ class Layout:
         if means.size != self.total or var.size != self.total:
             raise LayoutError(f"statistics have {means.size} channels, the layout {self.total}")
         return counts, means, var
+
+    def per_layer(self, values: Mapping[str, float], default: np.ndarray) -> np.ndarray:
+        """One float64 per layer of this layout, from ``values`` where given, else ``default``'s."""
+        return np.array([values.get(n, d) for n, d in zip(self.names, default.tolist())], dtype=np.float64)
+
+    def flatten_gradients(self, grads: Mapping[str, GradientMeans], dtype: type = np.float64) -> LayerGradients:
+        """This layout's layers of ``grads`` as flat arrays; a layer without any has count 0."""
+        counts = np.zeros(self.layers)
+        dy, dy_xhat = np.zeros(self.total, dtype), np.zeros(self.total, dtype)
+        for name, g in grads.items():
+            i = self._index.get(name)
+            if i is None:
+                continue
+            sl = slice(int(self.offsets[i]), int(self.offsets[i + 1]))
+            if np.size(g.dy) != self.channels[i] or np.size(g.dy_xhat) != self.channels[i]:
+                raise LayoutError(
+                    f"gradients of layer {name!r} have {np.size(g.dy)} channels, the layout {self.channels[i]}"
+                )
+            counts[i], dy[sl], dy_xhat[sl] = float(g.count), g.dy, g.dy_xhat
+        return LayerGradients(counts, dy, dy_xhat)
 
     def split(self, counts: np.ndarray, means: np.ndarray, var: np.ndarray) -> dict[str, Moments]:
         """Flat arrays → ``{layer: Moments}`` of views (no copy)."""

@@ -10,9 +10,10 @@ synchronous training script)::
 or inside the trainer's own asyncio loop (``async with WorkerLoop(...) as loop:``).
 
 Layers (see :mod:`psq.torch`) ``submit`` their batch statistics to the current step without
-waiting; a step closes when ``step()`` is called, or by itself when a layer submits a second
-time, and is pushed in the background: one message per shard, all layers in it.  Layers read
-the latest history of their layer with ``history(name)``.  When the broker or an aggregator is
+waiting, and ``submit_gradient`` the statistics of their backward pass; a step closes when
+``step()`` is called, or by itself when a layer submits a second time, and is pushed in the
+background: one message per shard, all layers and their gradients in it.  Layers read the
+latest history of their layer (moments and gradient means) with ``history(name)``.  When the broker or an aggregator is
 away the loop logs once, the layers train on batch statistics and the last history they have,
 and it recovers by itself.  No wait anywhere is unbounded.
 
@@ -42,7 +43,7 @@ import numpy as np
 from psq.client import PushResult, Rejected, StatsClient, Unavailable
 from psq.config import DEFAULT_FRONTEND
 from psq.security import ClientKeys
-from psq.stats import Moments
+from psq.stats import GradientMeans, Moments
 
 log = logging.getLogger("psq.loop")
 
@@ -52,7 +53,8 @@ LANDING_TIMEOUT_S = 10.0
 
 @dataclass(frozen=True)
 class Submission:
-    """One layer's batch statistics for one step: count, mean, biased variance (1-d numpy).
+    """One layer's batch statistics for one step: count, mean, biased variance (1-d numpy), and
+    the images (batch items) they came from (None: each element is one).
 
     ``ready`` (if given) returns True once the arrays hold their values — a CUDA event for a
     device-to-host copy that was started without blocking.
@@ -61,6 +63,18 @@ class Submission:
     count: float
     mean: np.ndarray
     var: np.ndarray
+    ready: Callable[[], bool] | None = None
+    images: float | None = None
+
+
+@dataclass(frozen=True)
+class GradientSubmission:
+    """One layer's backward statistics for one step: the means of ``∂L/∂y`` and ``∂L/∂y·x̂``
+    (:class:`psq.stats.GradientMeans`) over ``count`` elements; ``ready`` as for :class:`Submission`."""
+
+    count: float
+    dy: np.ndarray
+    dy_xhat: np.ndarray
     ready: Callable[[], bool] | None = None
 
 
@@ -71,6 +85,7 @@ class LayerHistory:
     moments: Moments  # biased variance
     version: int  # updates the aggregator has applied to this layer
     step: int  # the step whose push brought it back
+    gradient: GradientMeans | None = None  # the gradient history, once a push carried gradients
 
 
 class ForkedLoop(RuntimeError):
@@ -107,6 +122,7 @@ class WorkerLoop:
         self.keys = keys
         self._lock = threading.Condition()
         self._current: dict[str, Submission] = {}
+        self._gradients: dict[str, list[GradientSubmission]] = {}  # the current step's backward
         self._exchanged: set[str] = set()  # sync mode: layers that exchanged in this step
         self._step = 0
         self._outstanding = 0
@@ -244,6 +260,13 @@ class WorkerLoop:
                 self._close_step()
             self._current[name] = stats
 
+    def submit_gradient(self, name: str, stats: GradientSubmission) -> None:
+        """Add one layer's backward statistics to the current step; never waits.  A layer's
+        backward runs after its forward and before the step closes at its next forward."""
+        self._check_process()
+        with self._lock:
+            self._gradients.setdefault(name, []).append(stats)
+
     def step(self) -> int:
         """Close the current step and push it in the background; returns its number."""
         self._check_process()
@@ -256,9 +279,12 @@ class WorkerLoop:
         self._exchanged = set()
         self._step += 1
         self._counters["steps"] += 1
-        if entries and self._loop is not None and self._client is not None:
+        if not entries:  # gradients without a forward (step() between them): they join the next step
+            return number
+        gradients, self._gradients = self._gradients, {}
+        if self._loop is not None and self._client is not None:
             self._outstanding += 1
-            self._loop.call_soon_threadsafe(self._spawn, self._push(number, entries))
+            self._loop.call_soon_threadsafe(self._spawn, self._push(number, entries, gradients))
         return number
 
     def _push_open_step(self) -> None:
@@ -366,15 +392,20 @@ class WorkerLoop:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _push(self, number: int, entries: dict[str, Submission]) -> None:
+    async def _push(
+        self, number: int, entries: dict[str, Submission], gradients: dict[str, list[GradientSubmission]]
+    ) -> None:
         try:
-            if not await self._landed(entries, number):
+            if not await self._landed([*entries.values(), *(g for gs in gradients.values() for g in gs)], number):
                 return
             stats = {name: Moments(s.count, s.mean, s.var) for name, s in entries.items()}
+            images = {name: s.images for name, s in entries.items() if s.images is not None}
+            grads = {name: _pooled(gs) for name, gs in gradients.items()} if gradients else None
             self._counters["pushes"] += 1
             assert self._client is not None
             try:
-                self._record(number, await self._client.push(number, stats, self.dtype))
+                result = await self._client.push(number, stats, self.dtype, images=images, gradients=grads)
+                self._record(number, result)
             except Unavailable as exc:
                 self._counters["unavailable"] += 1
                 if exc.partial is not None:
@@ -389,12 +420,14 @@ class WorkerLoop:
                 self._lock.notify_all()
 
     async def _exchange(self, name: str, number: int, stats: Submission) -> tuple[Moments, bool] | None:
-        if not await self._landed({name: stats}, number):
+        if not await self._landed([stats], number):
             return None
         assert self._client is not None
         self._counters["pushes"] += 1
+        images = {name: stats.images} if stats.images is not None else None
+        moments = {name: Moments(stats.count, stats.mean, stats.var)}
         try:
-            result = await self._client.push(number, {name: Moments(stats.count, stats.mean, stats.var)}, self.dtype)
+            result = await self._client.push(number, moments, self.dtype, images=images)
         except Unavailable as exc:
             self._counters["unavailable"] += 1
             self._went_away(str(exc))
@@ -406,11 +439,11 @@ class WorkerLoop:
         self._record(number, result)
         return result[name], result.complete
 
-    async def _landed(self, entries: dict[str, Submission], number: int) -> bool:
+    async def _landed(self, entries: list[Submission | GradientSubmission], number: int) -> bool:
         """Wait for device copies, polling so the event loop stays free; False (the step is
         dropped, not pushed half-copied) if they have not landed after ``LANDING_TIMEOUT_S``."""
         deadline = time.monotonic() + LANDING_TIMEOUT_S
-        for s in entries.values():
+        for s in entries:
             while s.ready is not None and not s.ready():
                 if time.monotonic() > deadline:
                     log.error(
@@ -434,7 +467,9 @@ class WorkerLoop:
             for name in result:
                 old = self._histories.get(name)
                 if old is None or old.version != versions[name] or old.step < number:
-                    self._histories[name] = LayerHistory(result[name], versions[name], number)
+                    # a reply to a push without gradients carries no gradient history: keep the last
+                    gradient = result.gradient(name) or (old.gradient if old is not None else None)
+                    self._histories[name] = LayerHistory(result[name], versions[name], number, gradient)
             self._lock.notify_all()
         if back and self._away:
             self._away = False
@@ -469,6 +504,18 @@ class WorkerLoop:
         # The child inherits copies of the parent's sockets and thread state: never touch them.
         self._loop = self._client = self._thread = None
         self._tasks = set()
+
+
+def _pooled(parts: list[GradientSubmission]) -> GradientMeans:
+    """One layer's backward statistics of a step; several backwards (retain_graph) pool exactly."""
+    first = parts[0]
+    if len(parts) == 1:
+        return GradientMeans(first.count, first.dy, first.dy_xhat)
+    counts = np.array([p.count for p in parts], dtype=np.float64)
+    weights = counts / max(float(counts.sum()), np.finfo(np.float64).tiny)
+    dy = sum(w * np.asarray(p.dy, np.float64) for w, p in zip(weights, parts))
+    dy_xhat = sum(w * np.asarray(p.dy_xhat, np.float64) for w, p in zip(weights, parts))
+    return GradientMeans(float(counts.sum()), dy, dy_xhat)
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

@@ -11,9 +11,12 @@ A message is a ZeroMQ multipart message (after any routing-identity frames)::
 * arrays — raw little-endian buffers, sent and received without copies.
 
 A step's statistics for one shard travel as one ``PUSH``: counts per layer (float64), all
-layers' means in one array and all variances in another.  Every decoder validates everything
-and raises :class:`ProtocolError` (a code and a readable message) on any defect; nothing is
-ever unpickled.
+layers' means in one array, all variances in another, and the images per layer (float64: the
+unit of the aggregator's half-life); then, when the step had a backward pass, its gradient
+statistics (:class:`psq.stats.LayerGradients`: counts per layer, all means of ``∂L/∂y``, all
+means of ``∂L/∂y·x̂``).  A ``HISTORY`` reply carries the gradient history (counts,
+the two means) when its push carried gradients.  Every decoder validates everything and raises
+:class:`ProtocolError` (a code and a readable message) on any defect; nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ import msgpack
 import numpy as np
 
 from psq.layout import ID_BYTES, Layout, LayoutError
+from psq.stats import LayerGradients
 
-VERSION = 1
+VERSION = 2  # 2: images per layer and gradient statistics in PUSH and HISTORY
 MAGIC = b"PQ"
 BROKER_KEY = 0xFFFF
 MAX_SHARDS = 1024
@@ -207,12 +211,16 @@ def _dtype_name(a: np.ndarray) -> str:
 
 
 def _fields(
-    msg: Message, required: Mapping[str, type], optional: Mapping[str, type] | None = None, arrays: int = 0
+    msg: Message,
+    required: Mapping[str, type],
+    optional: Mapping[str, type] | None = None,
+    arrays: tuple[int, ...] = (0,),
 ) -> dict[str, Any]:
     """The header's fields, checked for exactly the expected keys and their types, and the
-    message for exactly ``arrays`` array frames."""
-    if len(msg.arrays) != arrays:
-        raise ProtocolError(ErrorCode.FRAMES, f"a {msg.command.name} has {arrays} array frames, got {len(msg.arrays)}")
+    message for one of the allowed numbers of array frames."""
+    if len(msg.arrays) not in arrays:
+        allowed = " or ".join(map(str, arrays))
+        raise ProtocolError(ErrorCode.FRAMES, f"a {msg.command.name} has {allowed} array frames, got {len(msg.arrays)}")
     h, optional = msg.header, optional or {}
     missing = [k for k in required if k not in h]
     if missing:
@@ -269,6 +277,20 @@ def check_stats(counts: np.ndarray, means: np.ndarray, var: np.ndarray) -> None:
     _check_range("variances", var, 0.0, MAX_VAR)
 
 
+def check_images(images: np.ndarray, counts: np.ndarray) -> None:
+    """Images per layer: within range, and no more than the elements they gave (at least one each)."""
+    _check_range("images", images, 0.0, MAX_COUNT)  # NaN fails here, before the comparison below
+    if np.any(images > counts):
+        raise ProtocolError(ErrorCode.RANGE, "a layer cannot have more images than elements per channel")
+
+
+def check_gradients(g: LayerGradients) -> None:
+    """Gradient means are signed: finite and within range; their counts non-negative."""
+    _check_range("gradient counts", g.counts, 0.0, MAX_COUNT)
+    _check_range("gradient means", g.dy, -MAX_ABS_MEAN, MAX_ABS_MEAN)
+    _check_range("gradient-x̂ means", g.dy_xhat, -MAX_ABS_MEAN, MAX_ABS_MEAN)
+
+
 def _check_range(name: str, a: np.ndarray, lo: float, hi: float) -> None:
     if not a.size:
         return
@@ -300,10 +322,12 @@ class Push:
     seq: int
     step: int
     layout: Layout
-    counts: np.ndarray  # float64, one per layer
+    counts: np.ndarray  # float64, one per layer: elements per channel
     means: np.ndarray  # float32 or float64, layout.total
     var: np.ndarray  # biased, same dtype as means
+    images: np.ndarray  # float64, one per layer: the batch items the counts came from
     reply_dtype: str = "<f8"
+    gradients: LayerGradients | None = None  # the backward's statistics, same dtype as means
 
 
 _PUSH_FIELDS = {"job": str, "worker": str, "session": int, "seq": int, "step": int, "layout": bytes, "reply": str}
@@ -323,7 +347,12 @@ def encode_push(push: Push, key: int, with_layout: bool) -> list[Any]:
     if with_layout:
         header["names"] = list(push.layout.names)
         header["channels"] = list(push.layout.channels)
-    return encode(Command.PUSH, key, header, (push.counts, push.means, push.var))
+    arrays = (push.counts, push.means, push.var, push.images, *_gradient_frames(push.gradients))
+    return encode(Command.PUSH, key, header, arrays)
+
+
+def _gradient_frames(g: LayerGradients | None) -> tuple[np.ndarray, ...]:
+    return () if g is None else (g.counts, g.dy, g.dy_xhat)
 
 
 def parse_push(msg: Message, layouts: Mapping[bytes, Layout]) -> Push:
@@ -333,13 +362,17 @@ def parse_push(msg: Message, layouts: Mapping[bytes, Layout]) -> Push:
     ``push.layout`` once the push is accepted); one that does not must name a known layout.
     """
     _expect(msg, Command.PUSH)
-    h = _fields(msg, _PUSH_FIELDS, _LAYOUT_FIELDS, arrays=3)
+    h = _fields(msg, _PUSH_FIELDS, _LAYOUT_FIELDS, arrays=(4, 7))
     if h["reply"] not in _STAT_DTYPES:
         raise ProtocolError(ErrorCode.DTYPE, f"reply dtype must be one of {_STAT_DTYPES}, got {h['reply']!r:.20}")
     layout = _push_layout(h, layouts)
     counts, means, var = _stat_arrays(msg.arrays, layout, "<f8")
     check_stats(counts, means, var)
-    return Push(h["job"], h["worker"], h["session"], h["seq"], h["step"], layout, counts, means, var, h["reply"])
+    images = _per_layer(msg.arrays[3], layout, "images")
+    check_images(images, counts)
+    gradients = _gradient_arrays(msg.arrays[4:], layout, means.dtype.str)
+    ids = (h["job"], h["worker"], h["session"], h["seq"], h["step"])
+    return Push(*ids, layout, counts, means, var, images, h["reply"], gradients)
 
 
 def _push_layout(h: Mapping[str, Any], layouts: Mapping[bytes, Layout]) -> Layout:
@@ -385,6 +418,35 @@ def _stat_arrays(arrays: tuple[np.ndarray, ...], layout: Layout, count_dtype: st
     return counts, means, var
 
 
+def _per_layer(a: np.ndarray, layout: Layout, what: str, dtype: str = "<f8") -> np.ndarray:
+    if a.dtype.str != dtype or a.size != layout.layers:
+        raise ProtocolError(
+            ErrorCode.LAYOUT, f"expected {layout.layers} {dtype} {what} (one per layer), got {a.size} {a.dtype.str}"
+        )
+    return a
+
+
+def _gradient_arrays(arrays: tuple[np.ndarray, ...], layout: Layout, dtype: str) -> LayerGradients | None:
+    """The optional gradient statistics after a message's moments: none, or all three (counts,
+    the two means); the caller checked how many arrays there are."""
+    if not arrays:
+        return None
+    counts, dy, dy_xhat = arrays
+    _per_layer(counts, layout, "gradient counts")
+    if dy.dtype.str != dtype or dy_xhat.dtype.str != dtype:
+        raise ProtocolError(
+            ErrorCode.DTYPE, f"gradient means must be {dtype} like the means, got {dy.dtype.str}, {dy_xhat.dtype.str}"
+        )
+    if dy.size != layout.total or dy_xhat.size != layout.total:
+        raise ProtocolError(
+            ErrorCode.LAYOUT,
+            f"layout has {layout.total} channels; gradient arrays have {dy.size} and {dy_xhat.size} values",
+        )
+    g = LayerGradients(counts, dy, dy_xhat)
+    check_gradients(g)
+    return g
+
+
 # -- HISTORY ----------------------------------------------------------------------------------
 
 
@@ -400,29 +462,28 @@ class HistoryReply:
     var: np.ndarray  # biased
     versions: np.ndarray  # uint64, one per layer
     complete: bool = True  # sync mode: False when the step's timeout passed before all workers
+    gradients: LayerGradients | None = None  # the gradient history, when the push carried gradients
 
 
 def encode_history(reply: HistoryReply, key: int) -> list[Any]:
     header = {"seq": reply.seq, "step": reply.step, "layout": reply.layout_id, "complete": reply.complete}
-    return encode(Command.HISTORY, key, header, (reply.counts, reply.means, reply.var, reply.versions))
+    arrays = (reply.counts, reply.means, reply.var, reply.versions, *_gradient_frames(reply.gradients))
+    return encode(Command.HISTORY, key, header, arrays)
 
 
 def parse_history(msg: Message, layout: Layout) -> HistoryReply:
     """A validated :class:`HistoryReply` for a push made with ``layout``."""
     _expect(msg, Command.HISTORY)
-    h = _fields(msg, {"seq": int, "step": int, "layout": bytes, "complete": bool}, arrays=4)
+    h = _fields(msg, {"seq": int, "step": int, "layout": bytes, "complete": bool}, arrays=(4, 7))
     if h["layout"] != layout.id:
         raise ProtocolError(
             ErrorCode.LAYOUT, f"reply is for layout {h['layout'].hex()}, the push used {layout.id.hex()}"
         )
     counts, means, var = _stat_arrays(msg.arrays, layout, "<f8")
-    versions = msg.arrays[3]
-    if versions.dtype.str != "<u8" or versions.size != layout.layers:
-        raise ProtocolError(
-            ErrorCode.LAYOUT, f"expected {layout.layers} <u8 versions, got {versions.size} {versions.dtype.str}"
-        )
+    versions = _per_layer(msg.arrays[3], layout, "versions", "<u8")
     check_stats(counts, means, var)
-    return HistoryReply(h["seq"], h["step"], h["layout"], counts, means, var, versions, h["complete"])
+    gradients = _gradient_arrays(msg.arrays[4:], layout, means.dtype.str)
+    return HistoryReply(h["seq"], h["step"], h["layout"], counts, means, var, versions, h["complete"], gradients)
 
 
 # -- ERROR ------------------------------------------------------------------------------------

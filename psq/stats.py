@@ -10,9 +10,13 @@ Variances are **biased** throughout (divided by the count), as batch normalizati
 with them; torch's running buffers use the unbiased convention, see :func:`unbiased_var`.
 Accumulation is float64 whatever the input dtype.
 
+The backward pass has batch statistics of its own: per channel, the means of ``∂L/∂y`` and of
+``∂L/∂y·x̂`` (:class:`GradientMeans`).  They merge and decay like the moments' means.
+
 The pure functions (:func:`merge`, :func:`blend`) allocate their result.  The in-place kernels
-(:func:`merge_into`, :func:`decay_into`) are what the hot paths call with preallocated
-:class:`Scratch` so that a message costs no allocation.
+(:func:`merge_into`, :func:`decay_into`, :func:`accumulate_into`, :func:`accumulate_means_into`)
+are what the hot paths call with preallocated :class:`Scratch` so that a message costs no
+allocation.
 """
 
 from __future__ import annotations
@@ -76,6 +80,30 @@ class LayerMoments:
     counts: Any
     mean: Any
     var: Any
+
+
+@dataclass(frozen=True)
+class GradientMeans:
+    """One layer's backward statistics: per channel, the means of ``∂L/∂y`` and of ``∂L/∂y·x̂``.
+
+    Batch norm's input gradient is ``∂L/∂x = γ·(∂L/∂y − mean(∂L/∂y) − x̂·mean(∂L/∂y·x̂))/σ``:
+    these two means are the batch statistics of the backward.  ``γ`` factors out of them, so they
+    are kept without it and a history of them stays valid while ``γ`` trains.  ``count`` is the
+    number of elements each mean summarizes, as for :class:`Moments`.
+    """
+
+    count: Any
+    dy: Any
+    dy_xhat: Any
+
+
+@dataclass(frozen=True)
+class LayerGradients:
+    """:class:`GradientMeans` of many layers as flat arrays, like :class:`LayerMoments`."""
+
+    counts: Any
+    dy: Any
+    dy_xhat: Any
 
 
 class Scratch:
@@ -146,22 +174,43 @@ def decay_into(history: Moments, arriving: Any, half_life: float, scratch: Scrat
     np.multiply(history.count, t, out=history.count)
 
 
-def accumulate_into(
-    acc: LayerMoments, b: LayerMoments, widths: np.ndarray, scratch: Scratch, half_life: float | None = None
-) -> None:
-    """Merge a step of many layers into ``acc`` in place; with ``half_life``, age ``acc`` first.
+def decay(arriving: Any, half_life: float) -> Any:
+    """``2^(−S/h)``: how much a history's count keeps when ``S`` more samples arrive."""
+    return np.exp2(np.multiply(arriving, -1.0 / half_life))
 
-    The history update ``H ← merge(scale(H, 2^(−nB/h)), B)`` for every layer at once (or, with
-    no half-life, the exact pooled merge).  ``acc`` holds float64 arrays; nothing is allocated
+
+def accumulate_into(acc: LayerMoments, b: LayerMoments, widths: np.ndarray, scratch: Scratch, kept: Any = None) -> None:
+    """Merge a step of many layers into ``acc`` in place; with ``kept`` (per layer, from
+    :func:`decay`), age ``acc``'s counts by it first.
+
+    The history update ``H ← merge(scale(H, 2^(−S/h)), B)`` for every layer at once (or, with
+    nothing kept, the exact pooled merge).  ``acc`` holds float64 arrays; nothing is allocated
     per channel.
     """
-    counts = acc.counts
-    if half_life is not None:
-        counts *= np.exp2(np.multiply(b.counts, -1.0 / half_life))
-    counts += b.counts
-    share = np.divide(b.counts, np.maximum(counts, _TINY))
+    mix_into(acc.mean, acc.var, b.mean, b.var, _arrival_shares(acc.counts, b.counts, widths, kept), scratch)
+
+
+def accumulate_means_into(
+    acc: LayerGradients, b: LayerGradients, widths: np.ndarray, scratch: Scratch, kept: Any = None
+) -> None:
+    """:func:`accumulate_into` for gradient means: ``m ← m + (nB/n)·(mB − m)`` per channel, after
+    ageing ``acc``'s counts by ``kept``."""
+    share = _arrival_shares(acc.counts, b.counts, widths, kept)
+    for mean, arriving in ((acc.dy, b.dy), (acc.dy_xhat, b.dy_xhat)):
+        t = scratch.a
+        np.subtract(arriving, mean, out=t)
+        t *= share
+        mean += t
+
+
+def _arrival_shares(counts: np.ndarray, arriving: Any, widths: np.ndarray, kept: Any) -> np.ndarray:
+    """Age and add to ``counts`` in place; the arrivals' share of each layer, per channel."""
+    if kept is not None:
+        counts *= kept
+    counts += arriving
+    share = np.divide(arriving, np.maximum(counts, _TINY))
     # np.repeat expands the per-layer shares 5x faster than np.take into a preallocated array.
-    mix_into(acc.mean, acc.var, b.mean, b.var, np.repeat(share, widths), scratch)
+    return np.repeat(share, widths)
 
 
 class History:

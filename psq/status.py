@@ -80,8 +80,16 @@ def _check_report(report: dict[str, Any], key: int, who: str) -> None:
         return
     _expect_fields(report, _SHARD_FIELDS, who)
     for layers in report["jobs"].values():
-        if not isinstance(layers, list) or not all(isinstance(x, list) and len(x) == 3 for x in layers):
-            raise StatusError(f"{who} reported layers that are not [name, count, version] lists")
+        if not isinstance(layers, list) or not all(_is_layer(x) for x in layers):
+            raise StatusError(f"{who} reported layers that are not [name, count, version, gradient count] lists")
+
+
+def _is_layer(entry: Any) -> bool:
+    if not isinstance(entry, list) or len(entry) != 4:
+        return False
+    name, count, version, gradient_count = entry
+    numbers = (count, gradient_count)
+    return isinstance(name, str) and type(version) is int and all(type(n) in (int, float) for n in numbers)
 
 
 def _expect_fields(data: Any, fields: dict[str, Any], who: str) -> None:
@@ -112,5 +120,8 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"  updates {rep['updates']}  duplicates {rep['duplicates']}  errors {rep['errors']}")
         for job, layers in rep["jobs"].items():
             lines.append(f"  job {job}: {len(layers)} layers")
-            lines += [f"    {name:40s} count {count:14.1f}  version {version}" for name, count, version in layers]
+            lines += [
+                f"    {name:40s} count {count:14.1f}  version {version:8d}  gradient count {grads:14.1f}"
+                for name, count, version, grads in layers
+            ]
     return "\n".join(lines)

@@ -6,8 +6,12 @@ In training, a layer computes its batch moments, hands them to the :class:`~psq.
 without waiting, and normalizes with the blend of the batch moments and the latest history the
 loop received for this layer (the formula of :func:`psq.stats.mix`, fused into an autograd
 Function; tests check it against :func:`psq.stats.blend`), the history weighing at most
-``history_weight`` (:func:`psq.stats.blend_weight`).  The history is a constant for autograd.  With no history yet, or
-``history_weight=0``, the layer is exactly ``nn.BatchNorm``.
+``history_weight`` (:func:`psq.stats.blend_weight`).  The backward has batch statistics of its
+own, the per-channel means of ``∂L/∂y`` and ``∂L/∂y·x̂`` (:class:`psq.stats.GradientMeans`):
+by default (``gradient="cluster"``) they too are blended with the cluster's history of them,
+weighing at most ``gradient_history_weight``, and the batch's are handed to the loop from the
+backward, without waiting.  Both histories are constants for autograd.  With no history yet,
+or ``history_weight=0``, the layer is exactly ``nn.BatchNorm``, forward and backward.
 
 In evaluation, it normalizes with ``running_mean`` / ``running_var``, which hold the cluster's
 history (variance in torch's unbiased convention), not a per-worker average: a checkpoint
@@ -21,6 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,10 +35,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from psq.loop import LayerHistory, Submission, WorkerLoop
+from psq.loop import GradientSubmission, LayerHistory, Submission, WorkerLoop
 from psq.stats import Moments, blend_weight, remove, unbiased_var
 
 _FLOAT_STATS = (torch.float32, torch.float64)
+GRADIENTS = ("cluster", "renorm", "exact")
+# Defaults chosen on digits settings (a) and (b), confirmed on (c), (d) and a ResNet: docs/accuracy.md.
+DEFAULT_HISTORY_WEIGHT = 0.9
 _BY_DIMS = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
 
 
@@ -43,13 +52,17 @@ class PSBatchNorm(_BatchNorm):
     track_running_stats``), and psq's:
 
     * ``history_weight`` in [0, 1): the largest share of the cluster's history in the
-      statistics a training step normalizes with (0: plain batch norm);
+      statistics a training step normalizes with (0: plain batch norm, forward and backward);
+    * ``gradient_history_weight`` in [0, 1): the same for the backward's statistics (default:
+      ``history_weight``);
+    * ``gradient``: how the input gradient treats the statistics.  ``"cluster"`` (default):
+      batch norm's gradient ``(ĝ − ḡ − x̂·ψ̄)/σ`` with the blended ``μ, σ`` of the forward and
+      the means ``ḡ`` of ``ĝ = γ·∂L/∂y`` and ``ψ̄`` of ``ĝ·x̂`` blended with the cluster's
+      history of them.  For comparison: ``"renorm"`` backpropagates through the batch
+      statistics alone, scaled by the blend's correction (Batch Renormalization), and
+      ``"exact"`` gives the exact derivative with the history constant;
     * ``max_staleness``: if set, a step whose history is older than that many steps waits
       (up to the loop's ``staleness_timeout_s``) for fresher history, then goes on;
-    * ``gradient``: the history is a constant either way; ``"renorm"`` (default) backpropagates
-      batch norm's own gradient through the batch statistics, scaled by the blend's correction
-      (Batch Renormalization); ``"exact"`` the exact derivative, in which the batch statistics
-      weigh only their share.  renorm trained better on digits (README);
     * ``name``: the layer's name on the wire (``convert_batchnorm`` uses the module path);
     * ``loop``: the :class:`~psq.loop.WorkerLoop`; without one the layer is plain batch norm.
 
@@ -64,36 +77,46 @@ class PSBatchNorm(_BatchNorm):
         momentum: float | None = 0.1,
         affine: bool = True,
         track_running_stats: bool = True,
-        history_weight: float = 0.5,
+        history_weight: float = DEFAULT_HISTORY_WEIGHT,
         max_staleness: int | None = None,
-        gradient: str = "renorm",
+        gradient: str = "cluster",
         name: str | None = None,
         loop: WorkerLoop | None = None,
         device: Any = None,
         dtype: Any = None,
+        gradient_history_weight: float | None = None,
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
-        if not 0.0 <= history_weight < 1.0:
-            raise ValueError(f"history_weight must be in [0, 1), got {history_weight!r}")
+        if gradient_history_weight is None:
+            gradient_history_weight = history_weight
+        for what, w in (("history_weight", history_weight), ("gradient_history_weight", gradient_history_weight)):
+            if not 0.0 <= w < 1.0:
+                raise ValueError(f"{what} must be in [0, 1), got {w!r}")
+        if history_weight == 0 and gradient_history_weight:
+            raise ValueError("history_weight=0 is plain batch norm: a gradient history needs history_weight > 0")
         if max_staleness is not None and (not isinstance(max_staleness, int) or max_staleness < 0):
             raise ValueError(f"max_staleness must be None or a non-negative integer, got {max_staleness!r}")
-        if gradient not in ("renorm", "exact"):
-            raise ValueError(f"gradient must be 'renorm' or 'exact', got {gradient!r}")
+        if gradient not in GRADIENTS:
+            raise ValueError(f"gradient must be one of {', '.join(GRADIENTS)}, got {gradient!r}")
         self.history_weight = history_weight
+        self.gradient_history_weight = gradient_history_weight
         self.max_staleness = max_staleness
         self.gradient = gradient
         self.name = name or f"bn{id(self):x}"
         self.loop = loop
         self.origin: type[nn.Module] | None = None  # the class convert_batchnorm replaced
         self._input_dims: int | None = None
-        self._history: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (version, mean, biased var)
+        self._history: _DeviceHistory | None = None
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2:
             raise ValueError(f"expected an (N, C, ...) input of 2 to 5 dimensions, got {input.dim()}-D")
 
     def extra_repr(self) -> str:
-        psq = f"history_weight={self.history_weight}, gradient={self.gradient}, name={self.name!r}"
+        psq = (
+            f"history_weight={self.history_weight}, gradient_history_weight={self.gradient_history_weight}, "
+            f"gradient={self.gradient}, name={self.name!r}"
+        )
         return f"{super().extra_repr()}, {psq}"
 
     def __getstate__(self) -> dict[str, Any]:
@@ -134,34 +157,39 @@ class PSBatchNorm(_BatchNorm):
         if self.loop.mode == "sync":
             return self._sync_forward(x, count)
         self.loop.enter(self.name)
-        history = self._fresh_history(x.device)
-        if history is None:
-            return self._blend(x, 0.0, None, None, count, no_history=True)
-        return self._blend(
-            x, float(blend_weight(history[0], count, self.history_weight)), history[1], history[2], count
+        h = self._fresh_history(x.device)
+        if h is None:
+            return self._blend(x, _Blend(), count, no_history=True)
+        gradient = h.dy is not None and self.gradient == "cluster"
+        blend = _Blend(
+            float(blend_weight(h.count, count, self.history_weight)),
+            h.mean,
+            h.var,
+            float(blend_weight(h.gradient_count, count, self.gradient_history_weight)) if gradient else 0.0,
+            h.dy,
+            h.dy_xhat,
         )
+        return self._blend(x, blend, count)
 
-    def _blend(
-        self,
-        x: torch.Tensor,
-        share: float,
-        mean_h: torch.Tensor | None,
-        var_h: torch.Tensor | None,
-        count: float,
-        no_history: bool = False,
-    ) -> torch.Tensor:
-        """Normalize with ``mix(share, history, batch)`` and hand the batch moments to the loop."""
+    def _blend(self, x: torch.Tensor, blend: _Blend, count: float, no_history: bool = False) -> torch.Tensor:
+        """Normalize with ``blend`` and hand the batch's statistics to the loop (the backward's
+        from the backward)."""
         assert self.loop is not None
-        y, mean_b, var_b = _BlendedNorm.apply(
-            x, self.weight, self.bias, share, mean_h, var_h, self.eps, self.gradient == "renorm"
-        )
+        sink = self._gradient_out if self.gradient == "cluster" and self.loop.mode == "async" else None
+        y, mean_b, var_b = _BlendedNorm.apply(x, self.weight, self.bias, blend, self.eps, self.gradient, sink)
         if self.loop.mode == "async":
-            self.loop.submit(self.name, _submission(count, mean_b, var_b))
+            self.loop.submit(self.name, _submission(count, mean_b, var_b, images=float(x.size(0))))
         if no_history:  # no cluster statistics: keep running ones as nn.BatchNorm does
             self._momentum_update(mean_b, var_b, count)
         return y
 
-    def _fresh_history(self, device: torch.device) -> tuple[float, torch.Tensor, torch.Tensor] | None:
+    def _gradient_out(self, count: float, dy: torch.Tensor, dy_xhat: torch.Tensor) -> None:
+        """Called from the backward with this batch's gradient means (γ-free)."""
+        if self.loop is not None:
+            sub = _submission(count, dy, dy_xhat)
+            self.loop.submit_gradient(self.name, GradientSubmission(sub.count, sub.mean, sub.var, sub.ready))
+
+    def _fresh_history(self, device: torch.device) -> _DeviceHistory | None:
         loop = self.loop
         assert loop is not None
         h = loop.history(self.name)
@@ -171,19 +199,30 @@ class PSBatchNorm(_BatchNorm):
             h = loop.history(self.name)
         if h is None:
             return None
-        self._load(h, device)
         loop.note_staleness(step - h.step)
-        assert self._history is not None
-        return float(h.moments.count), self._history[1], self._history[2]
+        return self._load(h, device)
 
-    def _load(self, h: LayerHistory, device: torch.device) -> None:
+    def _load(self, h: LayerHistory, device: torch.device) -> _DeviceHistory:
         """Move a new history to the device (once per version) for blending."""
-        if self._history is not None and self._history[0] == h.version and self._history[1].device == device:
-            return
+        held = self._history
+        if held is not None and held.version == h.version and held.mean.device == device:
+            return held
         dtype = self.running_mean.dtype if self.running_mean is not None else torch.float32
-        mean = torch.tensor(np.asarray(h.moments.mean), dtype=dtype).to(device, non_blocking=True)
-        var = torch.tensor(np.asarray(h.moments.var), dtype=dtype).to(device, non_blocking=True)
-        self._history = (h.version, mean, var)
+
+        def put(a: Any) -> torch.Tensor:
+            return torch.tensor(np.asarray(a), dtype=dtype).to(device, non_blocking=True)
+
+        g = h.gradient
+        self._history = _DeviceHistory(
+            h.version,
+            float(h.moments.count),
+            put(h.moments.mean),
+            put(h.moments.var),
+            float(g.count) if g is not None else 0.0,
+            put(g.dy) if g is not None else None,
+            put(g.dy_xhat) if g is not None else None,
+        )
+        return self._history
 
     def _fill_buffers(self) -> None:
         """Write the latest cluster history into the running buffers (variance unbiased).
@@ -219,14 +258,15 @@ class PSBatchNorm(_BatchNorm):
         # An incomplete answer (the step timed out, or this push came late) may not contain this
         # batch: removing it would extrapolate.  Batch statistics are the safe answer then.
         if answer is None or not answer[1] or float(answer[0].count) <= count:
-            return self._blend(x, 0.0, None, None, count, no_history=True)
+            return self._blend(x, _Blend(), count, no_history=True)
         pooled = Moments(
             float(answer[0].count), np.asarray(answer[0].mean, np.float64), np.asarray(answer[0].var, np.float64)
         )
         others = remove(pooled, own)
         share = float(others.count) / float(pooled.count)
         to = dict(dtype=mean_b.dtype, device=mean_b.device)
-        y = self._blend(x, share, torch.tensor(others.mean, **to), torch.tensor(others.var, **to), count)
+        blend = _Blend(share, torch.tensor(others.mean, **to), torch.tensor(others.var, **to))
+        y = self._blend(x, blend, count)
         self._momentum_update(torch.tensor(pooled.mean, **to), torch.tensor(pooled.var, **to), float(pooled.count))
         return y
 
@@ -239,6 +279,33 @@ class PSBatchNorm(_BatchNorm):
         with torch.no_grad():
             self.running_mean.mul_(1 - m).add_(mean.to(self.running_mean.dtype), alpha=m)
             self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
+
+
+@dataclass(frozen=True)
+class _DeviceHistory:
+    """A layer's history on its device: moments, and gradient means once they exist."""
+
+    version: int
+    count: float
+    mean: torch.Tensor
+    var: torch.Tensor  # biased
+    gradient_count: float = 0.0
+    dy: torch.Tensor | None = None
+    dy_xhat: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class _Blend:
+    """What a step blends with: the history's share of the moments (``share``, with the
+    history's ``mean``/``var``) and of the gradient means (``gradient_share``, with ``dy``/``dy_xhat``).
+    The default is no history: plain batch norm."""
+
+    share: float = 0.0
+    mean: torch.Tensor | None = None
+    var: torch.Tensor | None = None
+    gradient_share: float = 0.0
+    dy: torch.Tensor | None = None
+    dy_xhat: torch.Tensor | None = None
 
 
 def batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -265,14 +332,16 @@ class _BlendedNorm(torch.autograd.Function):
     Forward, with ``d = x − mB`` and ``δ = mB − mH``: the blended mean is ``μ = mB − share·δ``,
     the variance ``lerp(vB, vH, share) + share(1−share)·δ²``, and ``y = k·d + share·δ·k + β``
     with ``k = γ·r``, ``r = (σ² + eps)^−½``: one pass for the mean, one for the variance, one for
-    the output.  Two backwards, per channel, both batch norm's gradient when ``share = 0``:
+    the output.  With ``x − μ = d + share·δ``, ``x̂ = r·(x − μ)``, ``S = Σg·(x − μ)`` and ``n``
+    elements per channel, three backwards, all batch norm's gradient when both shares are 0:
 
-    * exact (``renorm=False``), the derivative with the history constant: with
-      ``S = Σg·(x − μ)``, ``t = r²·S`` and ``u = (1 − share)·k/n``,
-      ``dL/dx = k·g − u·t·d − u·(Σg + share·δ·t)``;
-    * Batch Renormalization (``renorm=True``): batch norm's gradient through the batch
-      statistics with the blend's correction ``σB/σ`` a constant,
-      ``dL/dx = k·(g − Σg/n − d·Σg·d/(n·(vB + eps)))``.
+    * cluster: the batch's gradient means ``gB = Σg/n`` and ``ψB = r·S/n`` (γ-free, handed to
+      ``sink``) blended with the history's, ``ḡ = lerp(gB, gH, gshare)`` and likewise ``ψ̄``:
+      ``dL/dx = k·(g − ḡ − x̂·ψ̄) = k·g − k·r·ψ̄·d − k·(ḡ + r·ψ̄·share·δ)``;
+    * exact (the derivative with the history constant): with ``t = r²·S`` and
+      ``u = (1 − share)·k/n``, ``dL/dx = k·g − u·t·d − u·(Σg + share·δ·t)``;
+    * renorm (Batch Renormalization): batch norm's gradient through the batch statistics with
+      the blend's correction ``σB/σ`` a constant, ``dL/dx = k·(g − Σg/n − d·Σg·d/(n·(vB + eps)))``.
 
     Also returns the batch's mean and biased variance (not differentiable).  Few, fused
     operations: on small layers the cost per operation dominates.
@@ -284,20 +353,20 @@ class _BlendedNorm(torch.autograd.Function):
         x: torch.Tensor,
         weight: torch.Tensor | None,
         bias: torch.Tensor | None,
-        share: float,
-        mean_h: torch.Tensor | None,
-        var_h: torch.Tensor | None,
+        blend: _Blend,
         eps: float,
-        renorm: bool,
+        gradient: str,
+        sink: Callable[[float, torch.Tensor, torch.Tensor], None] | None,
     ) -> tuple[torch.Tensor, ...]:
         low = x.dtype not in _FLOAT_STATS
+        share = blend.share
         with torch.autocast(x.device.type, enabled=False) if low else contextlib.nullcontext():
             xs = x.float() if low else x
             shape = _channel_shape(xs)
             mean_b, d, var_b = batch_moments(xs)
             if share:
-                delta = mean_b - mean_h
-                var = torch.lerp(var_b, var_h, share).addcmul_(delta, delta, value=share * (1 - share))
+                delta = mean_b - blend.mean
+                var = torch.lerp(var_b, blend.var, share).addcmul_(delta, delta, value=share * (1 - share))
             else:
                 delta, var = None, var_b
             r = (var + eps).rsqrt_()
@@ -306,8 +375,10 @@ class _BlendedNorm(torch.autograd.Function):
             if share:
                 shift = torch.addcmul(shift, delta, k, value=share)
             y = torch.addcmul(shift.view(shape), d, k.view(shape))
-        ctx.save_for_backward(d, r, k, delta, (var_b + eps).reciprocal_() if renorm and share else None)
-        ctx.share, ctx.n, ctx.x_dtype = share, d.numel() // d.size(1), x.dtype
+        rb2 = (var_b + eps).reciprocal_() if gradient == "renorm" and share else None
+        ctx.save_for_backward(d, r, k, delta, rb2)
+        ctx.share, ctx.n, ctx.x_dtype, ctx.gradient, ctx.sink = share, d.numel() // d.size(1), x.dtype, gradient, sink
+        ctx.blend = blend
         ctx.param_dtype = weight.dtype if weight is not None else x.dtype
         ctx.mark_non_differentiable(mean_b, var_b)
         return (y.to(x.dtype) if low else y), mean_b, var_b
@@ -315,41 +386,62 @@ class _BlendedNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
         d, r, k, delta, rb2 = ctx.saved_tensors
-        share = ctx.share
+        share, n = ctx.share, ctx.n
         shape, dims = _channel_shape(d), [0, *range(2, d.dim())]
         g = g.to(d.dtype)
         sum_g = g.sum(dims)
         s_d = (g * d).sum(dims)  # Σg·(x − mB)
         s = torch.addcmul(s_d, delta, sum_g, value=share) if share else s_d  # S = Σg·(x − μ)
-        if rb2 is not None:
+        if ctx.gradient == "cluster":
+            coef_d, const = _cluster_coefficients(ctx, r, k, delta, sum_g, s)
+        elif rb2 is not None:
             # Batch Renormalization: batch norm's gradient through the batch statistics, scaled by
             # the blend's correction σB/σ, which is a constant
-            coef_d = k * rb2 * (s_d / ctx.n)
-            grad_x = torch.addcmul((-k * sum_g / ctx.n).view(shape), g, k.view(shape))
+            coef_d, const = -k * rb2 * (s_d / n), -k * sum_g / n
         else:
             t = r * r * s
-            u = k * ((1 - share) / ctx.n)
-            coef_d = u * t
-            const = torch.addcmul(sum_g, delta, t, value=share) if share else sum_g
-            grad_x = torch.addcmul((-u * const).view(shape), g, k.view(shape))
-        grad_x.addcmul_(d, coef_d.view(shape), value=-1)
+            u = k * ((1 - share) / n)
+            coef_d = -u * t
+            const = -u * (torch.addcmul(sum_g, delta, t, value=share) if share else sum_g)
+        grad_x = torch.addcmul(const.view(shape), g, k.view(shape))
+        grad_x.addcmul_(d, coef_d.view(shape))
         grad_w = (r * s).to(ctx.param_dtype) if ctx.needs_input_grad[1] else None
         grad_b = sum_g.to(ctx.param_dtype) if ctx.needs_input_grad[2] else None
-        return grad_x.to(ctx.x_dtype), grad_w, grad_b, None, None, None, None, None
+        return grad_x.to(ctx.x_dtype), grad_w, grad_b, None, None, None, None
 
 
-def _submission(count: float, mean: torch.Tensor, var: torch.Tensor) -> Submission:
-    """The batch moments for the loop, without waiting for the device."""
+def _cluster_coefficients(
+    ctx: Any, r: torch.Tensor, k: torch.Tensor, delta: torch.Tensor | None, sum_g: torch.Tensor, s: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per channel, the cluster gradient as ``coef_d·d + const`` beside ``k·g``; hands the
+    batch's gradient means to the layer's sink on the way."""
+    blend: _Blend = ctx.blend
+    dy, dy_xhat = sum_g / ctx.n, r * s / ctx.n  # this batch's means of g and g·x̂ (γ-free)
+    if ctx.sink is not None:
+        ctx.sink(float(ctx.n), dy, dy_xhat)
+    gshare = blend.gradient_share
+    if gshare:
+        dy = torch.lerp(dy, blend.dy, gshare)
+        dy_xhat = torch.lerp(dy_xhat, blend.dy_xhat, gshare)
+    krp = k * r * dy_xhat
+    const = k * dy
+    if ctx.share:
+        const = torch.addcmul(const, krp, delta, value=ctx.share)
+    return -krp, -const
+
+
+def _submission(count: float, mean: torch.Tensor, var: torch.Tensor, images: float | None = None) -> Submission:
+    """Per-channel statistics for the loop, without waiting for the device."""
     mean, var = mean.detach(), var.detach()
     if mean.device.type == "cpu":
         # the statistics are fresh tensors that nothing writes again: share their memory.
-        return Submission(count, mean.numpy(), var.numpy())
+        return Submission(count, mean.numpy(), var.numpy(), images=images)
     host = torch.empty((2, mean.numel()), dtype=mean.dtype, pin_memory=True)
     host[0].copy_(mean, non_blocking=True)
     host[1].copy_(var, non_blocking=True)
     landed = torch.cuda.Event()
     landed.record()
-    return Submission(count, host[0].numpy(), host[1].numpy(), landed.query)
+    return Submission(count, host[0].numpy(), host[1].numpy(), landed.query, images)
 
 
 def ddp_buffer_sync(enabled: bool) -> dict[str, bool]:

@@ -17,7 +17,7 @@ from psq import protocol
 from psq.client import StatsClient
 from psq.layout import Layout
 from psq.protocol import Command, ErrorCode
-from psq.stats import History, Moments, merge
+from psq.stats import History, LayerGradients, Moments, merge
 from psq.status import query
 
 LAYOUT = Layout(("bn1", "bn2"), (3, 2))
@@ -36,7 +36,9 @@ def push(seq: int, seed: int, session: int = 11, count: float = 8.0, layout: Lay
         np.full(layout.layers, count),
         rng.normal(size=layout.total),
         rng.random(layout.total),
+        np.full(layout.layers, count),  # images: one per element
         "<f8",
+        LayerGradients(np.full(layout.layers, count), rng.normal(size=layout.total), rng.normal(size=layout.total)),
     )
 
 
@@ -52,10 +54,25 @@ def local(pushes: list[protocol.Push]) -> History:
     h = History(HALF_LIFE, channels=LAYOUT.total)
     for p in pushes:
         h.update(Moments(LAYOUT.expand(p.counts), p.means, p.var))
+    h.pushes = pushes  # for the gradient history, computed by brute force in assert_history
     return h
 
 
+def local_gradients(pushes: list[protocol.Push]) -> tuple[float, np.ndarray, np.ndarray]:
+    """Each push's gradient means weighted by its count, halved every HALF_LIFE images after it."""
+    later = np.cumsum([p.images[0] for p in pushes][::-1])[::-1] - [p.images[0] for p in pushes]
+    weights = [p.gradients.counts[0] * 2.0 ** (-s / HALF_LIFE) for p, s in zip(pushes, later)]
+    total = sum(weights)
+    dy = sum(w * p.gradients.dy for w, p in zip(weights, pushes)) / total
+    dy_xhat = sum(w * p.gradients.dy_xhat for w, p in zip(weights, pushes)) / total
+    return total, dy, dy_xhat
+
+
 def assert_history(reply: protocol.HistoryReply, want: History) -> None:
+    count, dy, dy_xhat = local_gradients(want.pushes)
+    np.testing.assert_allclose(reply.gradients.counts, count, rtol=1e-12)
+    np.testing.assert_allclose(reply.gradients.dy, dy, rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(reply.gradients.dy_xhat, dy_xhat, rtol=1e-10, atol=1e-13)
     m = want.moments
     np.testing.assert_allclose(reply.counts, m.count[LAYOUT.offsets[:-1]], rtol=1e-12)
     np.testing.assert_allclose(reply.means, m.mean, rtol=1e-12, atol=1e-14)
@@ -76,6 +93,7 @@ def with_header(frames: list[bytes], **changes) -> list[bytes]:
 
 def malformed(seq: int) -> list[tuple[ErrorCode, list[bytes]]]:
     good = frames_of(push(seq, 99))
+    spec = msgpack.unpackb(good[1])["arrays"]
     nan = np.zeros(5)
     nan[2] = np.nan
     return [
@@ -87,8 +105,17 @@ def malformed(seq: int) -> list[tuple[ErrorCode, list[bytes]]]:
         (ErrorCode.RANGE, mutate(good, 3, np.full(5, 1e200).tobytes())),  # finite, but would overflow
         (ErrorCode.NEGATIVE, mutate(good, 2, np.array([8.0, -8.0]).tobytes())),
         (ErrorCode.LENGTH, mutate(good, 3, np.zeros(4).tobytes())),
-        (ErrorCode.DTYPE, with_header(good, arrays=[["<f8", 2], ["<i8", 5], ["<f8", 5]])),
+        (ErrorCode.DTYPE, with_header(good, arrays=[["<f8", 2], ["<i8", 5], ["<f8", 5], ["<f8", 2], *spec[4:]])),
         (ErrorCode.FRAMES, good[:-1]),
+        (ErrorCode.RANGE, mutate(good, 5, np.full(2, 9.0).tobytes())),  # more images than elements
+        (ErrorCode.NONFINITE, mutate(good, 7, nan.tobytes())),  # a gradient mean
+        (ErrorCode.RANGE, mutate(good, 8, np.full(5, -1e31).tobytes())),  # a gradient-x̂ mean
+        (ErrorCode.NEGATIVE, mutate(good, 6, np.array([8.0, -1.0]).tobytes())),  # a gradient count
+        (
+            ErrorCode.LAYOUT,
+            with_header(mutate(good, 7, np.zeros(4).tobytes()), arrays=[*spec[:5], ["<f8", 4], spec[6]]),
+        ),
+        (ErrorCode.DTYPE, with_header(mutate(good, 8, np.zeros(5, "<f4").tobytes()), arrays=[*spec[:6], ["<f4", 5]])),
         (ErrorCode.LAYOUT, with_header(good, channels=[3, 3])),
         (ErrorCode.UNKNOWN_LAYOUT, frames_of(push(seq, 99, layout=Layout(("bn1",), (3,))), with_layout=False)),
     ]
@@ -166,6 +193,9 @@ def test_sigterm_writes_the_snapshot(cluster, zsocket, tmp_path):
     store = snapshot.load(path, 0, 1, HALF_LIFE)
     want = local(pushes).moments
     np.testing.assert_allclose(store.jobs["job"].mean[: LAYOUT.total], want.mean, rtol=1e-12)
+    _, dy, dy_xhat = local_gradients(pushes)
+    np.testing.assert_allclose(store.jobs["job"].grad_dy[: LAYOUT.total], dy, rtol=1e-10)
+    np.testing.assert_allclose(store.jobs["job"].grad_dy_xhat[: LAYOUT.total], dy_xhat, rtol=1e-10)
     assert store.applied[("job", "raw", 11)] == 3
 
 
@@ -187,7 +217,7 @@ def test_a_killed_aggregator_resumes_from_its_snapshot(cluster, spawn, zsocket, 
     restarted = spawn("aggregator", "--shard", "0/1", "--backend", c.endpoints.backend, *args)
     wait_for_owner(c.endpoints.frontend, 0, restarted)
     report = shard_report(c.endpoints.frontend)
-    assert [version for _, _, version in report["jobs"]["job"]] == [5, 5]
+    assert [layer[2] for layer in report["jobs"]["job"]] == [5, 5]  # [name, count, version, gradient count]
     sock.send_multipart(frames_of(pushes[-1]))  # a retry of the last update: still applied once
     assert_history(history_reply(recv(sock)), local(pushes))
     sixth = push(6, 6)

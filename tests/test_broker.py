@@ -25,15 +25,24 @@ def error_of(frames: list[bytes]) -> protocol.Error:
 
 def valid_push(key: int = 0, seq: int = 1, with_layout: bool = True) -> list[bytes]:
     layout = Layout(("bn",), (4,))
-    push = protocol.Push("job", "raw", 5, seq, 0, layout, np.array([8.0]), np.zeros(4, "<f4"), np.ones(4, "<f4"), "<f8")
+    push = protocol.Push(
+        "job", "raw", 5, seq, 0, layout, np.array([8.0]), np.zeros(4, "<f4"), np.ones(4, "<f4"), np.array([2.0]), "<f8"
+    )
     return [bytes(memoryview(f)) for f in protocol.encode_push(push, key, with_layout)]
 
 
 MALFORMED = [
     pytest.param([b"PQ\x01"], ErrorCode.FRAMES, id="one-short-frame"),
     pytest.param([b"HTTP/1", b"{}"], ErrorCode.VERSION, id="not-psq"),
-    pytest.param([struct.pack("<2sBBH", b"PQ", 2, 1, 0), b"\x80"], ErrorCode.VERSION, id="version-2"),
-    pytest.param([struct.pack("<2sBBH", b"PQ", 1, 99, 0), b"\x80"], ErrorCode.COMMAND, id="unknown-command"),
+    pytest.param(
+        [struct.pack("<2sBBH", b"PQ", protocol.VERSION - 1, 1, 0), b"\x80"], ErrorCode.VERSION, id="older-version"
+    ),
+    pytest.param(
+        [struct.pack("<2sBBH", b"PQ", protocol.VERSION + 1, 1, 0), b"\x80"], ErrorCode.VERSION, id="newer-version"
+    ),
+    pytest.param(
+        [struct.pack("<2sBBH", b"PQ", protocol.VERSION, 99, 0), b"\x80"], ErrorCode.COMMAND, id="unknown-command"
+    ),
     pytest.param([protocol.envelope(Command.HELLO, BROKER_KEY), b"\xc1"], ErrorCode.HEADER, id="hello-bad-msgpack"),
     pytest.param(
         [protocol.envelope(Command.HELLO, BROKER_KEY), msgpack.packb({"job": "j"})],

@@ -28,9 +28,10 @@ def test_bench_codec_prints_its_table_with_the_reference_rows():
     out = run_psq("bench", "codec", "--rounds", "2", "--per-round", "3", "--json")
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
-    methods = [row[0] for row in result["rows"]]
-    assert methods == ["floor: one numpy copy", "psq: encode + decode + validate", "plain msgpack of the bytes"]
-    assert all(row[1] > 0 and row[3] > 212_000 for row in result["rows"])
+    methods = ["floor: one numpy copy", "psq: encode + decode + validate", "plain msgpack of the bytes"]
+    assert [row[:2] for row in result["rows"]] == [[m, k] for m in ("moments", "moments + gradients") for k in methods]
+    assert all(row[2] > 0 and row[4] > 212_000 for row in result["rows"])
+    assert all(row[4] > 425_000 for row in result["rows"] if row[0] == "moments + gradients")
 
 
 def test_bad_flag_value_gets_a_clear_error():
@@ -42,8 +43,7 @@ def test_bench_transport_prints_psq_beside_its_floor():
     out = run_psq("bench", "transport", "--round-trips", "5", "--seconds", "0.2", "--json", timeout_s=240)
     assert out.returncode == 0, out.stderr
     rows = json.loads(out.stdout)["rows"]
-    paths = [(row[0].split()[0], row[1]) for row in rows]
-    assert paths == [
-        (m, p) for m in ("resnet50", "small") for p in ("floor: zmq.proxy + echo", "psq, 1 shard", "psq, 2 shards")
-    ]
+    paths = [(row[0], row[1]) for row in rows]
+    messages = ("resnet50 (53 layers, 26,560 ch)", "resnet50 + gradient means", "small (1 layer, 64 ch)")
+    assert paths == [(m, p) for m in messages for p in ("floor: zmq.proxy + echo", "psq, 1 shard", "psq, 2 shards")]
     assert all(row[2] > 0 and row[5] > 0 for row in rows)

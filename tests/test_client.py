@@ -14,7 +14,7 @@ from conftest import wait_for_owner
 from psq.client import PushResult, Rejected, StatsClient, Unavailable
 from psq.layout import shard_of
 from psq.protocol import ErrorCode
-from psq.stats import History, Moments
+from psq.stats import GradientMeans, History, Moments
 
 HALF_LIFE = 64.0
 LAYERS = {f"block{i}.bn": 2 + i % 3 for i in range(8)}
@@ -75,6 +75,43 @@ async def test_pushes_faster_than_replies_are_merged_without_losing_a_sample(clu
     assert final["bn"].count == want.count
     np.testing.assert_allclose(final["bn"].mean, want.mean, rtol=1e-10)
     np.testing.assert_allclose(final["bn"].var, want.var, rtol=1e-10)
+
+
+async def test_gradient_means_pushed_faster_than_replies_are_merged_exactly(cluster):
+    """Coalesced pushes pool their gradient means by count, as the moments; a push without
+    gradients between them adds none and its reply carries no gradient history."""
+    c = cluster(1, "--half-life", "1e300")
+    rng = np.random.default_rng(4)
+    counts = rng.integers(1, 20, 30).astype(float)
+    grads = [GradientMeans(n, rng.normal(size=4), rng.normal(size=4)) for n in counts]
+    moments = {"bn": Moments(8.0, np.zeros(4), np.ones(4))}
+    async with StatsClient(c.endpoints.frontend, job="job", worker="w0") as client:
+        results = await asyncio.gather(
+            *(client.push(i, moments, gradients={"bn": g}) for i, g in enumerate(grads)),
+            client.push(30, moments),
+        )
+        assert client.stats["coalesced"] > 0
+        final = await client.push(31, moments, gradients={"bn": GradientMeans(0.0, np.zeros(4), np.zeros(4))})
+    assert all(r.gradient("bn") is not None for r in results[:-1])
+    got = final.gradient("bn")
+    assert got.count == counts.sum()
+    np.testing.assert_allclose(got.dy, sum(g.count * g.dy for g in grads) / counts.sum(), rtol=1e-10)
+    np.testing.assert_allclose(got.dy_xhat, sum(g.count * g.dy_xhat for g in grads) / counts.sum(), rtol=1e-10)
+
+
+async def test_a_push_without_gradients_gets_no_gradient_history(cluster):
+    c = cluster(1)
+    async with StatsClient(c.endpoints.frontend, job="job", worker="w0") as client:
+        result = await client.push(0, step_stats(0))
+    assert all(result.gradient(name) is None for name in LAYERS)
+
+
+async def test_gradients_of_the_wrong_width_are_refused_before_sending(cluster):
+    c = cluster(1)
+    async with StatsClient(c.endpoints.frontend, job="job", worker="w0") as client:
+        with pytest.raises(Rejected, match=r"gradients of layer 'block0\.bn' have 5 channels"):
+            await client.push(0, step_stats(0), gradients={"block0.bn": GradientMeans(8.0, np.zeros(5), np.zeros(5))})
+        assert client.stats["messages"] == 1  # the HELLO only
 
 
 async def test_clients_carry_on_after_the_broker_is_killed_and_restarted(cluster, spawn):

@@ -27,7 +27,7 @@ def versions(frontend: str) -> int:
         rep = query(frontend, 1.0)["shard_reports"].get("0", {})
     except StatusError:  # the broker is down mid-fault
         return 0
-    layers = [v for job in rep.get("jobs", {}).values() for _, _, v in job]
+    layers = [layer[2] for job in rep.get("jobs", {}).values() for layer in job]  # the versions
     return min(layers) if layers else 0
 
 

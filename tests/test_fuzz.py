@@ -29,7 +29,9 @@ FUZZ_SEQ = 1 << 20  # fuzz pushes' sequence numbers start here, above any real o
 
 
 def push_frames(job: str, seq: int, rng: np.random.Generator, with_layout: bool = True) -> list[bytes]:
-    push = protocol.Push(job, "w", 1, seq, seq, LAYOUT, np.full(2, 4.0), rng.normal(size=5), rng.random(5), "<f8")
+    push = protocol.Push(
+        job, "w", 1, seq, seq, LAYOUT, np.full(2, 4.0), rng.normal(size=5), rng.random(5), np.full(2, 4.0), "<f8"
+    )
     return [bytes(memoryview(f)) for f in protocol.encode_push(push, 0, with_layout)]
 
 

@@ -30,8 +30,10 @@ def test_broker_memory_stays_bounded_while_the_aggregator_stalls(cluster, zsocke
     flood = zsocket(zmq.DEALER)
     flood.setsockopt(zmq.SNDHWM, 0)  # this sender queues all it wants; the broker must not
     flood.connect(c.endpoints.frontend)
-    counts, means, var = random_stats(LAYOUT)
-    frames = protocol.encode_push(protocol.Push("flood", "w", 1, 1, 1, LAYOUT, counts, means, var, "<f4"), 0, True)
+    counts, means, var, images = random_stats(LAYOUT)
+    frames = protocol.encode_push(
+        protocol.Push("flood", "w", 1, 1, 1, LAYOUT, counts, means, var, images, "<f4"), 0, True
+    )
     flood.send_multipart(protocol.encode_status())  # connected and answered before the flood
     recv(flood)
     before = rss_mib(c.broker.pid)
@@ -39,7 +41,7 @@ def test_broker_memory_stays_bounded_while_the_aggregator_stalls(cluster, zsocke
     try:
         for seq in range(1500):  # 1,500 x 212 KB = 320 MB, never waiting for an answer
             frames[1] = protocol.encode_push(
-                protocol.Push("flood", "w", 1, seq, seq, LAYOUT, counts, means, var, "<f4"), 0, seq == 0
+                protocol.Push("flood", "w", 1, seq, seq, LAYOUT, counts, means, var, images, "<f4"), 0, seq == 0
             )[1]
             flood.send_multipart(frames, copy=False)
         deadline = time.monotonic() + 5
@@ -58,7 +60,7 @@ def test_broker_memory_stays_bounded_while_the_aggregator_stalls(cluster, zsocke
 
 def test_a_client_merges_what_a_stalled_aggregator_cannot_take(cluster):
     c = cluster(1)
-    stats = LAYOUT.split(*random_stats(LAYOUT))
+    stats = LAYOUT.split(*random_stats(LAYOUT)[:3])
 
     async def burst() -> tuple[list[object], dict[str, int]]:
         async with StatsClient(c.endpoints.frontend, job="burst", worker="w", timeout_s=0.5, retries=1) as client:

@@ -42,7 +42,7 @@ def test_steps_are_pushed_in_the_background_and_history_comes_back(cluster):
 
 
 def test_a_layer_submitting_twice_closes_the_step_by_itself(cluster):
-    c = cluster(1)
+    c = cluster(1, "--half-life", "1e12")  # no decay to speak of: the history counts every sample
     with WorkerLoop(c.endpoints.frontend, job="job", worker="w0") as loop:
         for _ in range(3):
             loop.submit("a", submission(1))
@@ -131,7 +131,7 @@ def test_a_forked_process_cannot_use_the_loop_and_the_parent_carries_on(cluster)
 
 @pytest.mark.asyncio
 async def test_inside_the_trainers_own_event_loop(cluster):
-    c = cluster(1)
+    c = cluster(1, "--half-life", "1e12")
     async with WorkerLoop(c.endpoints.frontend, job="job", worker="w0") as loop:
         for i in range(3):
             loop.submit("a", submission(i))

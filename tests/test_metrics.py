@@ -12,6 +12,7 @@ from test_client import LAYERS, step_stats
 
 from psq import protocol
 from psq.client import StatsClient
+from psq.stats import GradientMeans
 
 
 def scrape(port: int) -> str:
@@ -39,7 +40,9 @@ def test_broker_and_aggregator_serve_their_metrics(spawn, endpoints, zsocket):
     async def pushes() -> None:
         async with StatsClient(endpoints.frontend, job="job", worker="w0") as client:
             for step in range(4):
-                await client.push(step, step_stats(step))
+                stats = step_stats(step)
+                gradients = {n: GradientMeans(m.count, m.mean, m.var) for n, m in stats.items()}
+                await client.push(step, stats, gradients=gradients if step else None)
 
     asyncio.run(pushes())
     sock = zsocket(zmq.DEALER)
@@ -61,6 +64,8 @@ def test_broker_and_aggregator_serve_their_metrics(spawn, endpoints, zsocket):
         assert value(a, "psq_layer_version", shard="0", job="job", layer=layer) == 4
         assert value(a, "psq_layer_count", shard="0", job="job", layer=layer) > 0
         assert 0 <= value(a, "psq_layer_staleness_seconds", shard="0", job="job", layer=layer) < 60
+        grads = value(a, "psq_layer_gradient_count", shard="0", job="job", layer=layer)
+        assert 0 < grads < value(a, "psq_layer_count", shard="0", job="job", layer=layer)  # 3 of 4 steps had them
 
 
 def test_a_metrics_port_in_use_is_a_clear_error(spawn, endpoints):

@@ -13,6 +13,8 @@ from pathlib import Path
 from conftest import live_shards, wait_until
 from test_cli import run_psq
 
+from psq.config import DEFAULT_HALF_LIFE_IMAGES
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -47,13 +49,12 @@ def test_honcho_runs_broker_and_aggregator_and_the_readme_examples_talk_to_them(
         script.write_text(readme_example("client"))
         out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
-        # ten batches of 32 under the Procfile's half-life
-        half_life = float(re.search(r"PSQ_HALF_LIFE:-(\d+)", (ROOT / "Procfile").read_text())[1])
-        count = sum(32 * 2 ** (-32 * k / half_life) for k in range(10))
+        # ten batches of 32 (one image per sample) under the aggregator's default half-life
+        count = sum(32 * 2 ** (-32 * k / DEFAULT_HALF_LIFE_IMAGES) for k in range(10))
         assert f"bn1: {count:.2f} samples, version 10" in out.stdout
         status = run_psq("status", "--json", "--frontend", endpoints.frontend)
         layers = json.loads(status.stdout)["shard_reports"]["0"]["jobs"]["demo"]
-        assert [(name, version) for name, _, version in layers] == [("bn1", 10), ("bn2", 10)]
+        assert [(layer[0], layer[2]) for layer in layers] == [("bn1", 10), ("bn2", 10)]
         training = tmp_path / "train.py"
         training.write_text(readme_example("sync-training"))
         out = subprocess.run(
@@ -64,7 +65,7 @@ def test_honcho_runs_broker_and_aggregator_and_the_readme_examples_talk_to_them(
         answered = int(out.stdout.split()[-2])
         assert answered >= 1
         layers = json.loads(run_psq("status", "--json", "--frontend", endpoints.frontend).stdout)
-        assert {n for n, _, _ in layers["shard_reports"]["0"]["jobs"]["readme"]} == {"1", "4"}
+        assert {layer[0] for layer in layers["shard_reports"]["0"]["jobs"]["readme"]} == {"1", "4"}
     finally:
         honcho.send_signal(signal.SIGTERM)
         output = honcho.communicate(timeout=10)[0].decode()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import struct
 
 import msgpack
@@ -14,12 +15,25 @@ from hypothesis import strategies as st
 from psq import protocol
 from psq.layout import Layout
 from psq.protocol import Command, ErrorCode, ProtocolError
+from psq.stats import LayerGradients
 
 LAYOUT = Layout(("conv.bn", "head.bn"), (3, 2))
 
 
-def make_push(layout: Layout = LAYOUT, dtype: str = "<f4", seed: int = 0, **fields) -> protocol.Push:
+def make_gradients(layout: Layout = LAYOUT, dtype: str = "<f4", seed: int = 0) -> LayerGradients:
+    rng = np.random.default_rng(seed + 1000)
+    return LayerGradients(
+        rng.integers(1, 100, layout.layers).astype("<f8"),
+        rng.normal(size=layout.total).astype(dtype),
+        rng.normal(size=layout.total).astype(dtype),
+    )
+
+
+def make_push(
+    layout: Layout = LAYOUT, dtype: str = "<f4", seed: int = 0, gradients: bool = False, **fields
+) -> protocol.Push:
     rng = np.random.default_rng(seed)
+    counts = rng.integers(16, 100, layout.layers).astype("<f8")
     base = dict(
         job="job",
         worker="w0",
@@ -27,10 +41,12 @@ def make_push(layout: Layout = LAYOUT, dtype: str = "<f4", seed: int = 0, **fiel
         seq=1,
         step=3,
         layout=layout,
-        counts=rng.integers(1, 100, layout.layers).astype("<f8"),
+        counts=counts,
         means=rng.normal(size=layout.total).astype(dtype),
         var=rng.random(layout.total).astype(dtype),
+        images=np.floor(counts / 16),
         reply_dtype="<f8",
+        gradients=make_gradients(layout, dtype, seed) if gradients else None,
     )
     base.update(fields)
     return protocol.Push(**base)
@@ -70,15 +86,21 @@ layouts = st.lists(st.tuples(names, st.integers(1, 64)), min_size=1, max_size=12
 
 
 @settings(deadline=None, max_examples=80)
-@given(layouts, st.sampled_from(["<f4", "<f8"]), st.booleans(), st.integers(0, 2**64 - 1))
-def test_push_round_trips(layout, dtype, with_layout, seq):
-    push = make_push(layout, dtype, seq=seq)
+@given(layouts, st.sampled_from(["<f4", "<f8"]), st.booleans(), st.integers(0, 2**64 - 1), st.booleans())
+def test_push_round_trips(layout, dtype, with_layout, seq, gradients):
+    push = make_push(layout, dtype, seq=seq, gradients=gradients)
     frames = wire(protocol.encode_push(push, 7, with_layout))
     msg = protocol.decode(frames)
     assert (msg.command, msg.key) == (Command.PUSH, 7)
     got = protocol.parse_push(msg, {} if with_layout else {layout.id: layout})
     assert got.layout == layout and got.seq == seq and got.reply_dtype == push.reply_dtype
-    for a, b in ((got.counts, push.counts), (got.means, push.means), (got.var, push.var)):
+    pairs = [(got.counts, push.counts), (got.means, push.means), (got.var, push.var), (got.images, push.images)]
+    if gradients:
+        g, want = got.gradients, push.gradients
+        pairs += [(g.counts, want.counts), (g.dy, want.dy), (g.dy_xhat, want.dy_xhat)]
+    else:
+        assert got.gradients is None
+    for a, b in pairs:
         assert a.dtype == b.dtype and np.array_equal(a, b)
 
 
@@ -88,11 +110,9 @@ def test_decoded_arrays_are_views_over_the_frames():
     assert not msg.arrays[1].flags.owndata
 
 
-@settings(deadline=None, max_examples=40)
-@given(layouts, st.sampled_from(["<f4", "<f8"]), st.booleans())
-def test_history_reply_round_trips(layout, dtype, complete):
+def make_reply(layout: Layout = LAYOUT, dtype: str = "<f4", complete: bool = True, gradients: bool = False):
     rng = np.random.default_rng(1)
-    reply = protocol.HistoryReply(
+    return protocol.HistoryReply(
         5,
         9,
         layout.id,
@@ -101,10 +121,23 @@ def test_history_reply_round_trips(layout, dtype, complete):
         rng.random(layout.total).astype(dtype),
         np.arange(layout.layers, dtype="<u8"),
         complete,
+        make_gradients(layout, dtype) if gradients else None,
     )
+
+
+@settings(deadline=None, max_examples=40)
+@given(layouts, st.sampled_from(["<f4", "<f8"]), st.booleans(), st.booleans())
+def test_history_reply_round_trips(layout, dtype, complete, gradients):
+    reply = make_reply(layout, dtype, complete, gradients)
     got = protocol.parse_history(protocol.decode(wire(protocol.encode_history(reply, 2))), layout)
     assert (got.seq, got.step, got.complete) == (5, 9, complete)
     assert np.array_equal(got.means, reply.means) and np.array_equal(got.versions, reply.versions)
+    if gradients:
+        assert np.array_equal(got.gradients.dy, reply.gradients.dy)
+        assert np.array_equal(got.gradients.dy_xhat, reply.gradients.dy_xhat)
+        assert np.array_equal(got.gradients.counts, reply.gradients.counts)
+    else:
+        assert got.gradients is None
 
 
 def rt(frames) -> protocol.Message:
@@ -194,7 +227,7 @@ def test_header_that_is_not_the_expected_map_is_refused(header):
         ({"names": ["conv.bn", "head.bn"]}, "both"),
         ({"arrays": [["<f8", 2], ["<f4", 5]]}, "announces 2 arrays"),
         ({"arrays": "nope"}, "list of"),
-        ({"arrays": [["<f8", -2], ["<f4", 5], ["<f4", 5]]}, "non-negative"),
+        ({"arrays": [["<f8", -2], ["<f4", 5], ["<f4", 5], ["<f8", 2]]}, "non-negative"),
     ],
 )
 def test_header_with_missing_unknown_or_mistyped_keys_is_refused(changes, text):
@@ -204,7 +237,7 @@ def test_header_with_missing_unknown_or_mistyped_keys_is_refused(changes, text):
 
 @pytest.mark.parametrize("dtype", ["<i4", ">f4", "|O", "<f2", 7])
 def test_dtype_not_allowed_is_refused(dtype):
-    frames = with_header(push_frames(), arrays=[["<f8", 2], [dtype, 5], ["<f4", 5]])
+    frames = with_header(push_frames(), arrays=[["<f8", 2], [dtype, 5], ["<f4", 5], ["<f8", 2]])
     refused(ErrorCode.DTYPE, frames)
 
 
@@ -215,7 +248,85 @@ def test_reply_dtype_not_allowed_is_refused():
 def test_mixed_mean_and_variance_dtypes_are_refused():
     frames = push_frames()
     frames[4] = np.zeros(5, "<f8").tobytes()
-    refused(ErrorCode.DTYPE, with_header(frames, arrays=[["<f8", 2], ["<f4", 5], ["<f8", 5]]))
+    refused(ErrorCode.DTYPE, with_header(frames, arrays=[["<f8", 2], ["<f4", 5], ["<f8", 5], ["<f8", 2]]))
+
+
+def test_images_that_are_not_one_float64_per_layer_are_refused():
+    frames = push_frames()
+    frames[5] = np.ones(3, "<f8").tobytes()
+    assert "images" in str(
+        refused(ErrorCode.LAYOUT, with_header(frames, arrays=[["<f8", 2], ["<f4", 5], ["<f4", 5], ["<f8", 3]]))
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "code"), [(np.nan, ErrorCode.NONFINITE), (-1.0, ErrorCode.NEGATIVE), (1e16, ErrorCode.RANGE)]
+)
+def test_images_out_of_range_are_refused(value, code):
+    images = make_push().images.copy()
+    images[0] = value
+    refused(code, push_frames(images=images))
+
+
+def test_more_images_than_elements_are_refused():
+    push = make_push()
+    assert "more images than elements" in str(refused(ErrorCode.RANGE, push_frames(images=push.counts + 1)))
+
+
+def test_gradients_must_come_whole():
+    frames = push_frames(gradients=True)
+    header = msgpack.unpackb(frames[1])
+    for keep in (5, 6):  # one or two of the three gradient arrays
+        cut = [frames[0], msgpack.packb({**header, "arrays": header["arrays"][:keep]}), *frames[2 : 2 + keep]]
+        assert "4 or 7 array frames" in str(refused(ErrorCode.FRAMES, cut))
+
+
+def _push_with(g: LayerGradients, **changes: tuple[int, float]) -> protocol.Push:
+    """A push carrying ``g`` with one value of some of its fields changed."""
+    fields = {"counts": g.counts, "dy": g.dy, "dy_xhat": g.dy_xhat}
+    for name, (index, value) in changes.items():
+        fields[name] = fields[name].copy()
+        fields[name][index] = value
+    return dataclasses.replace(make_push(), gradients=LayerGradients(**fields))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "code"),
+    [
+        ("dy", np.nan, ErrorCode.NONFINITE),
+        ("dy_xhat", np.inf, ErrorCode.NONFINITE),
+        ("dy", -3e38, ErrorCode.RANGE),
+        ("dy_xhat", 1e31, ErrorCode.RANGE),
+        ("counts", -1.0, ErrorCode.NEGATIVE),
+        ("counts", np.nan, ErrorCode.NONFINITE),
+    ],
+)
+def test_gradient_statistics_nonfinite_or_out_of_range_are_refused(field, value, code):
+    frames = wire(protocol.encode_push(_push_with(make_gradients(), **{field: (0, value)}), 0, False))
+    assert "gradient" in str(refused(code, frames))
+
+
+def test_negative_gradient_means_are_fine_they_are_signed():
+    frames = wire(protocol.encode_push(_push_with(make_gradients(), dy=(0, -5.0), dy_xhat=(1, -7.0)), 0, False))
+    got = protocol.parse_push(protocol.decode(frames), {LAYOUT.id: LAYOUT})
+    assert got.gradients.dy[0] == -5.0 and got.gradients.dy_xhat[1] == -7.0
+
+
+@pytest.mark.parametrize(
+    ("spec", "code"),
+    [
+        ([["<f8", 2], ["<f4", 4], ["<f4", 5]], ErrorCode.LAYOUT),  # a channel short
+        ([["<f8", 3], ["<f4", 5], ["<f4", 5]], ErrorCode.LAYOUT),  # a count too many
+        ([["<f8", 2], ["<f8", 5], ["<f8", 5]], ErrorCode.DTYPE),  # not the means' dtype
+    ],
+)
+def test_gradient_arrays_not_matching_the_layout_are_refused(spec, code):
+    frames = push_frames(gradients=True)
+    rng = np.random.default_rng(0)
+    tail = [rng.normal(size=n).astype(d).tobytes() for d, n in spec]
+    header = msgpack.unpackb(frames[1])
+    frames = [frames[0], msgpack.packb({**header, "arrays": header["arrays"][:4] + spec}), *frames[2:6], *tail]
+    refused(code, frames)
 
 
 def test_buffer_length_not_matching_dtype_times_shape_is_refused():
@@ -289,6 +400,13 @@ def test_history_reply_for_another_layout_is_refused():
     )
 
 
+def test_history_reply_with_nonfinite_gradient_history_is_refused():
+    reply = make_reply(gradients=True)
+    reply.gradients.dy_xhat[2] = np.nan
+    frames = wire(protocol.encode_history(reply, 0))
+    refused(ErrorCode.NONFINITE, frames, parse=lambda m: protocol.parse_history(m, LAYOUT))
+
+
 def test_heartbeat_with_impossible_shard_is_refused():
     frames = wire(protocol.encode(Command.HEARTBEAT, protocol.BROKER_KEY, {"shard": 2, "shards": 2, "name": "a"}))
     refused(ErrorCode.HEADER, frames, parse=protocol.parse_heartbeat)
@@ -330,7 +448,7 @@ def test_random_frames_raise_only_protocol_errors(frames):
 @settings(deadline=None, max_examples=300, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_mutated_valid_frames_raise_only_protocol_errors(data):
-    frames = push_frames(with_layout=data.draw(st.booleans()))
+    frames = push_frames(with_layout=data.draw(st.booleans()), gradients=data.draw(st.booleans()))
     i = data.draw(st.integers(0, len(frames) - 1))
     frame = bytearray(frames[i])
     for _ in range(data.draw(st.integers(1, 4))):

@@ -19,9 +19,12 @@ from psq.layout import Layout
 def filled_store() -> Store:
     store = Store(0, 1, 50.0)
     for i in range(3):
-        store.apply(push(Layout(("a", "b"), (2, 3)), i, worker=f"w{i}", seq=i + 1))
+        store.apply(push(Layout(("a", "b"), (2, 3)), i, worker=f"w{i}", seq=i + 1, gradients=i > 0))
     store.apply(push(Layout(("c",), (4,)), 9, job="other"))
     return store
+
+
+FIELDS = ("counts", "mean", "var", "versions", "grad_counts", "grad_dy", "grad_dy_xhat")
 
 
 def test_a_snapshot_round_trips_the_whole_store(tmp_path):
@@ -34,9 +37,10 @@ def test_a_snapshot_round_trips_the_whole_store(tmp_path):
         other = back.jobs[name]
         n = job.total
         assert other.names == job.names and other.channels == job.channels
-        for a, b in ((job.counts, other.counts), (job.mean[:n], other.mean[:n]), (job.var[:n], other.var[:n])):
-            assert np.array_equal(a, b)
-        assert np.array_equal(job.versions[: len(job.names)], other.versions[: len(other.names)])
+        for field in FIELDS:
+            size = n if field in ("mean", "var", "grad_dy", "grad_dy_xhat") else len(job.names)
+            assert np.array_equal(getattr(job, field)[:size], getattr(other, field)[:size]), field
+    assert back.jobs["job"].grad_counts[0] > 0  # the gradient history is in it
     assert back.applied == store.applied
     assert set(back.layouts) == set(store.layouts)
     assert not store.dirty
@@ -54,9 +58,25 @@ def test_no_file_means_a_fresh_start(tmp_path):
     assert snapshot.load(tmp_path / "missing.snap", 0, 1, 50.0) is None
 
 
-def sealed(body: bytes) -> bytes:
+def sealed(body: bytes, fmt: int = snapshot.FORMAT) -> bytes:
     """A body with a valid header and checksum, so the content checks are what refuses it."""
-    return struct.pack("<7sBI", b"PSQSNAP", 1, zlib.crc32(body)) + body
+    return struct.pack("<7sBI", b"PSQSNAP", fmt, zlib.crc32(body)) + body
+
+
+def test_a_format_1_snapshot_still_loads_without_gradient_history(tmp_path, caplog):
+    """What psq wrote before gradient statistics: no gradient fields, a half-life in elements."""
+    p = payload_of(filled_store())
+    del p["half_life_unit"]
+    for job in p["jobs"].values():
+        for key in ("grad_counts", "grad_dy", "grad_dy_xhat"):
+            del job[key]
+    path = tmp_path / "old.snap"
+    path.write_bytes(sealed(msgpack.packb(p, use_bin_type=True), fmt=1))
+    back = snapshot.load(path, 0, 1, 50.0)
+    store = filled_store()
+    assert np.array_equal(back.jobs["job"].mean[:5], store.jobs["job"].mean[:5])
+    assert not back.jobs["job"].grad_counts.any() and back.unit == "images"
+    assert "half-life 50.0 elements, continuing with 50.0 images" in caplog.text
 
 
 def resealed(payload: dict) -> bytes:
@@ -76,6 +96,11 @@ def corrupt_cases() -> list[tuple[str, object]]:
     short = {**p, "jobs": {**p["jobs"], "job": {**p["jobs"]["job"], "vars": b"\0" * 8}}}
     negative = {**p, "jobs": {**p["jobs"], "job": {**p["jobs"]["job"], "counts": np.array([-1.0, 2.0]).tobytes()}}}
     dup = {**p, "jobs": {**p["jobs"], "job": {**p["jobs"]["job"], "names": ["a", "a"]}}}
+
+    def job_with(**fields: object) -> dict:
+        return {**p, "jobs": {**p["jobs"], "job": {**p["jobs"]["job"], **fields}}}
+
+    no_gradients = {**p, "jobs": {**p["jobs"], "job": {k: v for k, v in p["jobs"]["job"].items() if k != "grad_dy"}}}
     return [
         ("checksum", bytes(flipped)),
         ("checksum", good[:-10]),
@@ -90,6 +115,11 @@ def corrupt_cases() -> list[tuple[str, object]]:
         ("keys", resealed({**p, "extra": 1})),
         ("applied", resealed({**p, "applied": [["j", "w", -1, 2]]})),
         ("not valid msgpack", sealed(b"\xc1")),
+        ("gradient means contain NaN", resealed(job_with(grad_dy=np.array([1.0, np.nan, 0, 0, 0]).tobytes()))),
+        ("gradient counts must be >= 0", resealed(job_with(grad_counts=np.array([-1.0, 2.0]).tobytes()))),
+        ("grad_dy_xhat must be 5 x <f8", resealed(job_with(grad_dy_xhat=b"\0" * 16))),
+        ("keys", resealed(no_gradients)),
+        ("half_life_unit", resealed({**p, "half_life_unit": "fortnights"})),
         (
             "a layout names layers",
             resealed({**p, "jobs": {**p["jobs"], "job": {**p["jobs"]["job"], "layouts": [[["zz"], [1]]]}}}),

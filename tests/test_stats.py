@@ -226,7 +226,7 @@ def test_flat_multi_layer_history_updates_every_layer_in_one_call():
 def test_accumulate_into_updates_many_layers_like_one_history_each(widths, steps, half_life):
     """The aggregator's kernel: counts per layer, all channels mixed at once."""
     from psq.layout import Layout
-    from psq.stats import LayerMoments, accumulate_into
+    from psq.stats import LayerMoments, accumulate_into, decay
 
     layout = Layout(tuple(f"l{i}" for i in range(len(widths))), tuple(widths))
     rng = np.random.default_rng(len(widths) * 100 + steps)
@@ -238,7 +238,7 @@ def test_accumulate_into_updates_many_layers_like_one_history_each(widths, steps
         raw = {n: rng.normal(size=(int(rng.integers(1, 9)), c)) for n, c in zip(layout.names, layout.channels)}
         stats = {n: Moments.of(raw[n], 0) for n, c in zip(layout.names, layout.channels)}
         batch = LayerMoments(*layout.flatten(stats, np.float32))
-        accumulate_into(acc, batch, layout.widths, Scratch(layout.total), half_life)
+        accumulate_into(acc, batch, layout.widths, Scratch(layout.total), decay(batch.counts, half_life))
         accumulate_into(pooled, batch, layout.widths, Scratch(layout.total))  # no half-life: plain pooling
         for name, m in layout.split(*layout.flatten(stats, np.float32)).items():
             separate[name].update(Moments(m.count, m.mean.astype(np.float64), m.var.astype(np.float64)))
@@ -272,3 +272,42 @@ def test_removing_everything_leaves_nothing():
     a = Moments.of(np.arange(6.0).reshape(3, 2), 0)
     rest = remove(a, a)
     assert np.all(rest.count == 0)
+
+
+@given(
+    st.lists(st.integers(1, 4), min_size=1, max_size=3),
+    st.lists(st.tuples(st.integers(0, 8), st.floats(0.5, 4.0)), min_size=1, max_size=6),
+    st.floats(1.0, 50.0),
+)
+def test_gradient_means_age_and_merge_like_a_brute_force_weighting(widths, arrivals, half_life):
+    """The gradient history: each batch's mean weighs its count times 2^(−S/h), S the images that
+    arrived after it (the same decay as the moments'), whoever sent them."""
+    from psq.layout import Layout
+    from psq.stats import LayerGradients, accumulate_means_into, decay
+
+    layout = Layout(tuple(f"l{i}" for i in range(len(widths))), tuple(widths))
+    rng = np.random.default_rng(sum(widths) * 10 + len(arrivals))
+    acc = LayerGradients(np.zeros(layout.layers), np.zeros(layout.total), np.zeros(layout.total))
+    sent = []
+    for count, images in arrivals:  # count 0: a forward-only push, whose images still age the history
+        counts = np.full(layout.layers, float(count))
+        g = LayerGradients(counts, rng.normal(size=layout.total), rng.normal(size=layout.total))
+        accumulate_means_into(
+            acc, g, layout.widths, Scratch(layout.total), decay(np.full(layout.layers, images), half_life)
+        )
+        sent.append((count, images, g))
+    later = np.cumsum([images for _, images, _ in sent][::-1])[::-1] - [images for _, images, _ in sent]
+    weights = np.array([count * 2.0 ** (-s / half_life) for (count, _, _), s in zip(sent, later)])
+    np.testing.assert_allclose(acc.counts, weights.sum(), rtol=1e-9)
+    if weights.sum() > 0:
+        for field in ("dy", "dy_xhat"):
+            want = sum(w * getattr(g, field) for w, (_, _, g) in zip(weights, sent)) / weights.sum()
+            np.testing.assert_allclose(getattr(acc, field), want, rtol=1e-9, atol=1e-12)
+    else:
+        assert not acc.dy.any() and not acc.dy_xhat.any()  # nothing arrived: nothing stored
+
+
+def test_decay_halves_a_count_every_half_life():
+    from psq.stats import decay
+
+    np.testing.assert_allclose(decay(np.array([0.0, 64.0, 128.0]), 64.0), [1.0, 0.5, 0.25])

@@ -14,12 +14,15 @@ from test_client import LAYERS, step_stats
 
 from psq import protocol
 from psq.client import StatsClient
+from psq.stats import GradientMeans
 
 
 async def push_some(frontend: str) -> None:
     async with StatsClient(frontend, job="job", worker="w7") as client:
         for step in range(3):
-            await client.push(step, step_stats(step))
+            stats = step_stats(step)
+            gradients = {n: GradientMeans(m.count, m.mean, -m.mean) for n, m in stats.items()} if step else None
+            await client.push(step, stats, gradients=gradients)
 
 
 def test_status_json_shows_aggregators_workers_and_layers(cluster):
@@ -32,12 +35,12 @@ def test_status_json_shows_aggregators_workers_and_layers(cluster):
     assert sorted((a["shard"], a["alive"]) for a in report["aggregators"]) == [(0, True), (1, True)]
     assert [(w["job"], w["worker"]) for w in report["workers"]] == [("job", "w7")]
     layers = {
-        name: (count, version)
+        name: (count, version, gradient_count)
         for rep in report["shard_reports"].values()
-        for name, count, version in rep["jobs"]["job"]
+        for name, count, version, gradient_count in rep["jobs"]["job"]
     }
     assert set(layers) == set(LAYERS)
-    assert all(version == 3 and count > 0 for count, version in layers.values())
+    assert all(version == 3 and count > 0 and 0 < grads < count for count, version, grads in layers.values())
 
 
 def test_status_text_lists_the_same(cluster):
@@ -87,7 +90,7 @@ def fake_broker(endpoint: str, answer) -> threading.Thread:
         {"hello": "world"},  # not a broker report at all
     ],
 )
-def test_a_malformed_report_is_a_clear_error(ipc_dir, report):
+def test_a_malformed_broker_report_is_a_clear_error(ipc_dir, report):
     endpoint = f"ipc://{ipc_dir}/fake"
     thread = fake_broker(endpoint, lambda frames: protocol.encode_report(report))
     out = run_psq("status", "--frontend", endpoint, "--timeout-s", "5")

@@ -9,7 +9,7 @@ from broker.store import Store
 from broker.sync import SyncSteps
 from psq.layout import Layout, shard_of
 from psq.protocol import ErrorCode, ProtocolError, Push
-from psq.stats import History, Moments, merge
+from psq.stats import History, LayerGradients, Moments, merge
 
 HALF_LIFE = 50.0
 
@@ -24,8 +24,15 @@ def push(
     count: float = 16.0,
     dtype: str = "<f8",
     job: str = "job",
+    images: float | None = None,
+    gradients: bool = False,
 ) -> Push:
     rng = np.random.default_rng(seed)
+    g = LayerGradients(
+        np.full(layout.layers, count),
+        rng.normal(size=layout.total).astype(dtype),
+        rng.normal(size=layout.total).astype(dtype),
+    )
     return Push(
         job,
         worker,
@@ -36,7 +43,9 @@ def push(
         np.full(layout.layers, count),
         rng.normal(size=layout.total).astype(dtype),
         rng.random(layout.total).astype(dtype),
+        np.full(layout.layers, count if images is None else images),  # by default one image per element
         dtype,
+        g if gradients else None,
     )
 
 
@@ -94,7 +103,8 @@ def test_a_retried_sequence_number_is_applied_once():
 
 
 def snapshot_of(store: Store) -> list[np.ndarray]:
-    return [a.copy() for job in store.jobs.values() for a in (job.counts, job.mean, job.var, job.versions)]
+    fields = ("counts", "mean", "var", "versions", "grad_counts", "grad_dy", "grad_dy_xhat")
+    return [getattr(job, f).copy() for job in store.jobs.values() for f in fields]
 
 
 @pytest.mark.parametrize(
@@ -132,10 +142,72 @@ def test_float32_replies_are_cast_from_the_float64_history():
     np.testing.assert_allclose(reply.means, store.jobs["job"].mean[:6], rtol=1e-6)
 
 
-def test_report_lists_each_layer_with_count_and_version():
+def test_report_lists_each_layer_with_count_version_and_gradient_count():
     store = Store(0, 1, HALF_LIFE)
     store.apply(push(Layout(("a", "b"), (1, 2)), 1, count=4.0))
-    assert store.report()["jobs"] == {"job": [["a", 4.0, 1], ["b", 4.0, 1]]}
+    assert store.report()["jobs"] == {"job": [["a", 4.0, 1, 0.0], ["b", 4.0, 1, 0.0]]}
+    store.apply(push(Layout(("a", "b"), (1, 2)), 2, seq=2, count=4.0, gradients=True))
+    assert [layer[3] for layer in store.report()["jobs"]["job"]] == [4.0, 4.0]
+
+
+def test_the_half_life_counts_images_so_layers_of_any_resolution_keep_the_same_history():
+    """Two layers, one at 16 elements per image and one at 1: in images they age alike; in
+    elements the first would forget 16 times faster."""
+    store = Store(0, 1, half_life=8.0)
+    fine, coarse = Layout(("fine",), (2,)), Layout(("coarse",), (2,))
+    for seq in range(1, 5):
+        store.apply(push(fine, seq, seq=seq, count=4 * 16.0, images=4, job="j"))
+        store.apply(push(coarse, seq, seq=seq, worker="w1", count=4.0, images=4, job="j"))
+    job = store.jobs["j"]
+    per_image = job.counts[:2] / np.array([16.0, 1.0])
+    np.testing.assert_allclose(per_image[0], per_image[1], rtol=1e-12)
+    want = 4 * sum(2.0 ** (-4 * k / 8.0) for k in range(4))  # images kept: 4 per push, aged by those after
+    np.testing.assert_allclose(per_image, want, rtol=1e-12)
+    by_elements = Store(0, 1, half_life=8.0, unit="elements")
+    by_elements.apply(push(fine, 1, count=64.0, images=4))
+    by_elements.apply(push(fine, 2, seq=2, count=64.0, images=4))
+    np.testing.assert_allclose(by_elements.jobs["job"].counts[0], 64 + 64 * 2.0 ** (-64 / 8.0), rtol=1e-12)
+
+
+def test_gradient_history_ages_with_the_moments_and_is_replied_only_to_pushes_with_gradients():
+    layout = Layout(("a", "b"), (2, 3))
+    store = Store(0, 1, half_life=6.0)
+    sent = [push(layout, i, seq=i + 1, count=8.0, images=2.0, gradients=i != 2) for i in range(5)]
+    replies = [store.apply(p) for p in sent]
+    assert replies[2].gradients is None and all(r.gradients is not None for i, r in enumerate(replies) if i != 2)
+    # brute force: a push's gradient means weigh its count, halved every 6 images pushed after it
+    images_after = [2.0 * (len(sent) - 1 - i) for i in range(len(sent))]
+    weights = [0.0 if p.gradients is None else 8.0 * 2.0 ** (-s / 6.0) for p, s in zip(sent, images_after)]
+    got = replies[-1].gradients
+    np.testing.assert_allclose(got.counts, sum(weights), rtol=1e-12)
+    for field in ("dy", "dy_xhat"):
+        want = sum(w * getattr(p.gradients, field) for w, p in zip(weights, sent) if p.gradients is not None)
+        np.testing.assert_allclose(getattr(got, field), want / sum(weights), rtol=1e-10, atol=1e-12)
+
+
+def test_a_duplicate_push_with_gradients_changes_no_gradient_history():
+    layout = Layout(("a",), (3,))
+    store = Store(0, 1, HALF_LIFE)
+    store.apply(push(layout, 1, seq=4, gradients=True))
+    before = snapshot_of(store)
+    store.apply(push(layout, 9, seq=4, gradients=True))  # the same sequence number again
+    assert all(np.array_equal(x, y) for x, y in zip(before, snapshot_of(store)))
+
+
+def test_gradient_history_of_interleaved_layouts_is_gathered_and_scattered():
+    ab, ac = Layout(("a", "b"), (2, 3)), Layout(("a", "c"), (2, 4))
+    store = Store(0, 1, HALF_LIFE)
+    first, second = push(ab, 1, seq=1, gradients=True), push(ac, 2, seq=2, gradients=True)
+    store.apply(first)
+    reply = store.apply(second)
+    assert not store.jobs["job"].placements[ac.id].contiguous
+    kept = 16.0 * 2.0 ** (-16.0 / HALF_LIFE)  # layer a's first count, aged by the second push's 16 images
+    want_a = (kept * first.gradients.dy[:2] + 16.0 * second.gradients.dy[:2]) / (kept + 16.0)
+    np.testing.assert_allclose(reply.gradients.dy[:2], want_a, rtol=1e-12)
+    np.testing.assert_allclose(reply.gradients.dy[2:], second.gradients.dy[2:], rtol=1e-12)  # layer c: one push
+    job = store.jobs["job"]
+    b = slice(job.starts[job.index["b"]], job.starts[job.index["b"]] + 3)
+    np.testing.assert_array_equal(job.grad_dy[b], first.gradients.dy[2:])  # layer b: untouched by (a, c)
 
 
 def test_sync_steps_pool_every_workers_batch_once():
@@ -146,7 +218,8 @@ def test_sync_steps_pool_every_workers_batch_once():
     assert steps.add(p0_retry, b"r0-new-socket", now=0.1)[1] is None  # replaces, not a second worker
     _, step = steps.add(p1, b"r1", now=0.2)
     assert step is not None and sorted(r for r, _ in step.arrivals.values()) == [b"r0-new-socket", b"r1"]
-    pooled = step.pooled()
+    pooled, images = step.pooled()
+    assert np.all(images == 21.0)
     want = merge(Moments(16.0, p0.means, p0.var), Moments(5.0, p1.means, p1.var))
     np.testing.assert_allclose(pooled.mean, want.mean, rtol=1e-12)
     np.testing.assert_allclose(pooled.var, want.var, rtol=1e-12)

@@ -12,6 +12,7 @@ import torch
 import torch.multiprocessing as tmp
 from dist_workers import ddp_train, small_cnn, sync_forward
 from torch import nn
+from torch.autograd.gradcheck import GradcheckError
 
 from broker import snapshot
 from psq.loop import WorkerLoop
@@ -47,6 +48,8 @@ def test_history_weight_zero_is_exactly_batchnorm_and_buffers_hold_the_cluster_h
                 torch.testing.assert_close(pm.grad, pr.grad, rtol=0, atol=1e-10, msg=name)
             opt_m.step(), opt_r.step(), opt_m.zero_grad(), opt_r.zero_grad()
         assert loop.flush(10)
+        # the cluster's gradient history was there all along, and did not leak into the backward
+        assert all(loop.history(name).gradient is not None for name in bn_layers(model))
         model.eval()
     c.aggregators[0].terminate()
     store = snapshot.load(snap, 0, 1, 500.0)
@@ -57,6 +60,66 @@ def test_history_weight_zero_is_exactly_batchnorm_and_buffers_hold_the_cluster_h
         history = Moments(job.counts[i], job.mean[sl], job.var[sl])
         np.testing.assert_allclose(layer.running_mean.numpy(), history.mean, rtol=1e-12, atol=1e-14)
         np.testing.assert_allclose(layer.running_var.numpy(), unbiased_var(history), rtol=1e-12, atol=1e-14)
+
+
+class RecordingLoop(WorkerLoop):
+    """A real WorkerLoop that also keeps a copy of what its layers hand it, step by step."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.steps: list[dict[str, dict]] = [{}]
+
+    def submit(self, name, stats) -> None:
+        self.steps[-1].setdefault(name, {})["images"] = stats.images
+        super().submit(name, stats)
+
+    def submit_gradient(self, name, stats) -> None:
+        self.steps[-1].setdefault(name, {})["gradient"] = (stats.count, stats.dy.copy(), stats.dy_xhat.copy())
+        super().submit_gradient(name, stats)
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        done = super().flush(timeout_s)
+        self.steps.append({})
+        return done
+
+
+def test_gradient_statistics_reach_the_aggregator_and_its_history_is_what_the_workers_sent(cluster, tmp_path):
+    """Two workers train through a real broker and aggregator, one push at a time in a known
+    order; the aggregator's gradient history (its snapshot) equals a brute-force weighting of
+    what the layers handed over: each batch's means weigh its count, halved every 20 images the
+    job sent after it."""
+    snap = tmp_path / "shard.snap"
+    c = cluster(1, "--half-life", "20", "--snapshot", str(snap), "--snapshot-interval-s", "3600")
+    torch.manual_seed(0)
+    loops = [RecordingLoop(c.endpoints.frontend, job="grads", worker=f"w{i}", dtype="<f8").start() for i in range(2)]
+    models = [convert_batchnorm(small_cnn().double(), loop) for loop in loops]
+    gen = torch.Generator().manual_seed(5)
+    order = []
+    try:
+        for _ in range(4):
+            for model, loop in zip(models, loops):
+                x = torch.randn(3, 3, 8, 8, dtype=torch.float64, generator=gen)
+                model(x).pow(2).mean().backward()
+                assert loop.flush(10)
+                order.append(loop.steps[-2])
+    finally:
+        for loop in loops:
+            loop.stop()
+    assert all(loop.history("1").gradient is not None for loop in loops)
+    assert c.aggregators[0].terminate()[0] == 0
+    job = snapshot.load(snap, 0, 1, 20.0).jobs["grads"]
+    for name in ("1", "4", "8"):
+        sent = [step[name] for step in order]
+        images = np.array([s["images"] for s in sent])
+        assert set(images) == {3.0}  # a layer counts the batch's images, whatever its H x W
+        later = images[::-1].cumsum()[::-1] - images
+        weights = np.array([s["gradient"][0] for s in sent]) * 2.0 ** (-later / 20.0)
+        i = job.index[name]
+        sl = slice(job.starts[i], job.starts[i] + job.channels[i])
+        np.testing.assert_allclose(job.grad_counts[i], weights.sum(), rtol=1e-12)
+        for k, field in ((1, job.grad_dy), (2, job.grad_dy_xhat)):
+            want = sum(w * s["gradient"][k] for w, s in zip(weights, sent)) / weights.sum()
+            np.testing.assert_allclose(field[sl], want, rtol=1e-9, atol=1e-15)
 
 
 def trained_layer(frontend: str, weight: float = 0.6, gradient: str = "exact") -> tuple[PSBatchNorm, WorkerLoop]:
@@ -98,6 +161,87 @@ def test_gradcheck_of_the_blended_layer(cluster):
     assert torch.autograd.gradcheck(lambda w, b: layer(x), (layer.weight, layer.bias), eps=1e-6, atol=1e-6)
 
 
+def cluster_reference(x, weight, bias, blend, eps, g):
+    """The cluster gradient by plain autograd on a surrogate, written independently of psq.torch:
+    the statistics pass gradients only with weight 1 − gradient share (straight through), and a
+    term linear in x carries the history's gradient means.  Its value is the layer's output."""
+    dims, shape = (0, 2, 3), (1, -1, 1, 1)
+    share, gshare = blend.share, blend.gradient_share
+    m_b, v_b = x.mean(dims), x.var(dims, unbiased=False)
+    mu = (1 - share) * m_b + share * blend.mean
+    var = (1 - share) * v_b + share * blend.var + share * (1 - share) * (m_b - blend.mean) ** 2
+    mu_c, var_c = mu.detach(), var.detach()
+    mu_s = mu_c + (1 - gshare) * (m_b - m_b.detach())
+    centred = ((x - mu_c.view(shape)) ** 2).mean(dims)
+    var_s = var_c + (1 - gshare) * (centred - centred.detach())
+    y = weight.view(shape) * (x - mu_s.view(shape)) / (var_s.view(shape) + eps).sqrt() + bias.view(shape)
+    r = (var_c + eps).rsqrt()
+    k = (weight * r).detach()
+    history = -(gshare * k * blend.dy).view(shape) * x
+    history = history - 0.5 * (gshare * k * r * blend.dy_xhat).view(shape) * (x - mu_c.view(shape)) ** 2
+    return y, torch.autograd.grad((g * y).sum() + history.sum(), (x, weight, bias))
+
+
+def blend_of(share: float, gradient_share: float, channels: int = 3, seed: int = 0, zero_gradients: bool = False):
+    from psq.torch import _Blend
+
+    gen = torch.Generator().manual_seed(seed)
+
+    def t(scale: float = 1.0, offset: float = 0.0) -> torch.Tensor:
+        return torch.rand(channels, dtype=torch.float64, generator=gen) * scale + offset
+
+    dy, dy_xhat = (torch.zeros(channels, dtype=torch.float64),) * 2 if zero_gradients else (t(0.2, -0.1), t(0.2, -0.1))
+    return _Blend(share, t(2, -1), t(1, 0.5), gradient_share, dy, dy_xhat)
+
+
+@pytest.mark.parametrize(("share", "gradient_share"), [(0.0, 0.0), (0.6, 0.0), (0.0, 0.7), (0.6, 0.9), (0.3, 0.3)])
+def test_the_cluster_gradient_equals_an_independent_autograd_surrogate(share, gradient_share):
+    from psq.torch import _BlendedNorm
+
+    gen = torch.Generator().manual_seed(2)
+    x = (torch.randn(3, 3, 4, 4, dtype=torch.float64, generator=gen) * 2 + 1).requires_grad_()
+    w = (torch.rand(3, dtype=torch.float64, generator=gen) + 0.5).requires_grad_()
+    b = torch.randn(3, dtype=torch.float64, generator=gen).requires_grad_()
+    g = torch.randn(3, 3, 4, 4, dtype=torch.float64, generator=gen)
+    blend = blend_of(share, gradient_share)
+    sent = []
+    y, _, _ = _BlendedNorm.apply(x, w, b, blend, 1e-5, "cluster", lambda n, dy, dyx: sent.append((n, dy, dyx)))
+    got = torch.autograd.grad(y, (x, w, b), g)
+    want_y, want = cluster_reference(x, w, b, blend, 1e-5, g)
+    torch.testing.assert_close(y, want_y, rtol=0, atol=1e-10)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=0, atol=1e-10)
+    # what the backward hands on: this batch's means of ∂L/∂y and ∂L/∂y·x̂, γ-free
+    ((n, dy, dy_xhat),) = sent
+    xhat = (y.detach() - b.detach().view(1, -1, 1, 1)) / w.detach().view(1, -1, 1, 1)
+    assert n == 3 * 4 * 4
+    torch.testing.assert_close(dy, g.mean((0, 2, 3)), rtol=0, atol=1e-12)
+    torch.testing.assert_close(dy_xhat, (g * xhat).mean((0, 2, 3)), rtol=0, atol=1e-12)
+
+
+def test_gradcheck_of_the_cluster_gradient_where_it_is_a_derivative():
+    """With no gradient history (means 0) and the gradient share equal to the forward's, the
+    cluster gradient is the exact derivative of the blended forward.  Otherwise it is not any
+    function's derivative: the history's gradient means add a term independent of ∂L/∂y, as the
+    other workers' terms do in synchronized batch norm (checked against the surrogate above)."""
+    from psq.torch import _BlendedNorm
+
+    blend = blend_of(0.4, 0.4, zero_gradients=True)
+    x = torch.randn(3, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+
+    def f(x, w, b):
+        return _BlendedNorm.apply(x, w, b, blend, 1e-5, "cluster", None)[0]
+
+    assert torch.autograd.gradcheck(f, (x, w, b), eps=1e-6, atol=1e-6)
+    lopsided = blend_of(0.4, 0.8, zero_gradients=True)  # a different gradient share: not the derivative
+    with pytest.raises(GradcheckError):
+        torch.autograd.gradcheck(
+            lambda x: _BlendedNorm.apply(x, w, b, lopsided, 1e-5, "cluster", None)[0], (x,), eps=1e-6, atol=1e-6
+        )
+
+
 def test_the_renorm_gradient_is_batchnorms_scaled_by_the_blends_correction(cluster):
     """Batch Renormalization: y = γ·(x̂_B·σB/σ + (mB − μ)/σ) + β with σB/σ and (mB − μ)/σ held
     constant, so dL/dx is nn.BatchNorm's gradient for the weight γ·σB/σ."""
@@ -131,7 +275,7 @@ def test_inputs_of_2_to_5_dimensions_in_float32_and_float64(cluster, dtype, dims
 
 
 def test_channels_last_uneven_batches_and_autocast(cluster):
-    c = cluster(1)
+    c = cluster(1, "--half-life", "1e12")  # the history counts every sample
     with WorkerLoop(c.endpoints.frontend, job="formats", worker="w0") as loop:
         layer = PSBatchNorm(4, history_weight=0.5, name="bn", loop=loop)
         first = torch.randn(1, 4, 6, 6).to(memory_format=torch.channels_last)
@@ -235,10 +379,16 @@ def test_revert_uses_the_input_dimensions_seen():
 
 
 def test_a_bad_history_weight_is_refused():
-    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+    with pytest.raises(ValueError, match=r"history_weight must be in \[0, 1\)"):
         PSBatchNorm(3, history_weight=1.0)
-    with pytest.raises(ValueError, match="gradient must be"):
+    with pytest.raises(ValueError, match=r"gradient_history_weight must be in \[0, 1\)"):
+        PSBatchNorm(3, gradient_history_weight=-0.1)
+    with pytest.raises(ValueError, match="a gradient history needs history_weight > 0"):
+        PSBatchNorm(3, history_weight=0.0, gradient_history_weight=0.5)
+    with pytest.raises(ValueError, match="gradient must be one of cluster, renorm, exact"):
         PSBatchNorm(3, gradient="approximate")
+    layer = PSBatchNorm(3, history_weight=0.7)
+    assert (layer.gradient, layer.gradient_history_weight) == ("cluster", 0.7)  # the defaults follow the weight
     with pytest.raises(ValueError, match="max_staleness"):
         PSBatchNorm(3, max_staleness=-1)
 

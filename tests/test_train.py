@@ -257,8 +257,29 @@ def test_bench_accuracy_writes_its_table_and_plot(tmp_path):
     out = run_psq("bench", "accuracy", *quick, "--out", str(tmp_path), "--json", timeout_s=600)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert [row[1] for row in result["rows"]] == ["local", "syncbn", "psq", "single"]
+    assert [row[1] for row in result["rows"]] == ["local", "syncbn", "psq", "psq-renorm"]
     assert all(re.fullmatch(r"\d+\.\d\d ± \d+\.\d\d", row[2]) for row in result["rows"])
+    assert result["rows"][1][3] == "+0.00" and result["rows"][0][6] == 1.0  # against syncbn, against local
     png = tmp_path / "accuracy.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert set(json.loads((tmp_path / "accuracy.json").read_text())) == {"a/local", "a/syncbn", "a/psq", "a/single"}
+    runs = json.loads((tmp_path / "accuracy.json").read_text())
+    assert set(runs) == {"a/local", "a/syncbn", "a/psq", "a/psq-renorm"}
+    assert (
+        runs["a/psq-renorm"][0]["settings"]["gradient"] == "renorm"
+        and runs["a/psq"][0]["settings"]["gradient"] == "cluster"
+    )
+
+
+def test_accuracy_bench_methods_and_variants_are_parsed_and_checked():
+    from workers.accuracy_bench import Method, method
+
+    assert method("psq-renorm") == Method("psq-renorm", "psq", (("gradient", "renorm"),))
+    variant = method("psq:history_weight=0.8,half_life=64,gradient=exact")
+    assert variant.options == (("gradient", "exact"), ("history_weight", 0.8)) and variant.half_life == 64.0
+    for bad, text in (
+        ("psq:history_weight=1.5", "expected a number in [0, 1)"),
+        ("psq:momentum=0.1", "key=value pairs of history_weight"),
+        ("batchnorm", "expected local, syncbn, psq"),
+    ):
+        out = run_psq("bench", "accuracy", "--methods", bad)
+        assert out.returncode == 2 and text in out.stderr, out.stderr

@@ -1,16 +1,21 @@
 """``psq bench accuracy``: what psq is for — accuracy with small per-worker batches.
 
-On digits, the same model, schedule and seeds for every method:
+On digits, the same model, schedule and seeds for every method, side by side in one run:
 
 * ``local``: per-worker batch norm under DDP, evaluated with rank 0's buffers (DDP broadcasts them);
 * ``syncbn``: synchronized batch norm (fairscale's, on CPU) — the accurate, blocking reference;
-* ``psq``: PSBatchNorm against a broker and an aggregator started for the run;
-* ``single``: one process on the union of the workers' batches (plain batch norm).
+* ``psq``: PSBatchNorm with every default, against a broker and an aggregator with theirs;
+* ``psq-renorm``: the same with the backward psq had before its gradient history (Batch
+  Renormalization's, through the batch statistics alone);
+* variants for an ablation, ``psq:history_weight=0.8,gradient_history_weight=0.5,half_life=64``
+  (any of those three keys; ``gradient=...`` too).
 
-Settings: (a) 2 workers x batch 1, iid; (b) 4 workers x batch 2, label-skewed shards; (c) 2
-workers x batch 2, fully class-split shards.  For each, test accuracy mean ± std over the seeds,
-the accuracy after recomputing BN statistics on the whole train set (training-side vs
-evaluation-side effects), wall time per run, and a PNG of test accuracy per epoch.
+Settings: (a) 2 workers x batch 1, iid; (b) 4 x 2, label-skewed shards; (c) 2 x 2, fully
+class-split shards; (d) 4 x 1, iid; (e) 2 x 1, iid, a small ResNet on the digits upsampled to
+32x32.  The learning rate follows the linear scaling rule (the trainer's default).  For each:
+test accuracy mean ± std over the seeds and its difference to synchronized BN, the accuracy
+after recomputing BN statistics on the whole train set (training-side vs evaluation-side
+effects), the training time per run and over per-worker BN's, and a PNG of accuracy per epoch.
 """
 
 from __future__ import annotations
@@ -25,40 +30,88 @@ import numpy as np
 
 from psq.bench.services import cluster
 from psq.bench.timing import emit
-from psq.config import TrainSettings
+from psq.config import SettingsError, TrainSettings, positive_float, unit_interval
 from workers import train
 
-SETTINGS = {"a": (2, 1, "iid"), "b": (4, 2, "skewed"), "c": (2, 2, "split")}
-METHODS = ("local", "syncbn", "psq", "single")
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    workers: int
+    batch: int
+    sharding: str
+    model: str = "cnn"
+
+    def describe(self) -> str:
+        model = "" if self.model == "cnn" else f", {self.model}"
+        return f"{self.workers}x{self.batch} {self.sharding}{model}"
+
+
+SETTINGS = {
+    "a": Setting(2, 1, "iid"),
+    "b": Setting(4, 2, "skewed"),
+    "c": Setting(2, 2, "split"),
+    "d": Setting(4, 1, "iid"),
+    "e": Setting(2, 1, "iid", "resnet"),
+}
+DEFAULT_METHODS = ("local", "syncbn", "psq", "psq-renorm")
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """How one run normalizes: a trainer ``norm``, PSBatchNorm options, the aggregator's half-life."""
+
+    name: str
+    norm: str
+    options: tuple[tuple[str, Any], ...] = ()
+    half_life: float | None = None
+
+
+_VARIANT_KEYS = {"history_weight": unit_interval, "gradient_history_weight": unit_interval, "half_life": positive_float}
+_GRADIENTS = ("cluster", "renorm", "exact")
+
+
+def method(text: str) -> Method:
+    """``local``, ``syncbn``, ``psq``, ``psq-renorm``, or ``psq:key=value,...`` (a variant)."""
+    if text in ("local", "syncbn", "psq"):
+        return Method(text, text)
+    if text == "psq-renorm":
+        return Method(text, "psq", (("gradient", "renorm"),))
+    if not text.startswith("psq:"):
+        raise SettingsError(f"expected local, syncbn, psq, psq-renorm or psq:key=value,..., got {text!r}")
+    options: dict[str, Any] = {}
+    for pair in text[4:].split(","):
+        key, _, value = pair.partition("=")
+        if key == "gradient" and value in _GRADIENTS:
+            options[key] = value
+        elif key in _VARIANT_KEYS:
+            options[key] = _VARIANT_KEYS[key](value)
+        else:
+            known = ", ".join([*_VARIANT_KEYS, "gradient"])
+            raise SettingsError(f"a psq variant takes key=value pairs of {known}; got {pair!r}")
+    half_life = options.pop("half_life", None)
+    return Method(text, "psq", tuple(sorted(options.items())), half_life)
 
 
 def one_run(
-    setting: str,
-    method: str,
-    seed: int,
-    epochs: int,
-    history_weight: float,
-    half_life: float,
-    folder: Path,
-    max_steps_per_epoch: int = 0,
+    setting: str, m: Method, seed: int, epochs: int, folder: Path, max_steps_per_epoch: int = 0
 ) -> dict[str, Any]:
-    workers, batch, sharding = SETTINGS[setting]
-    run_dir = folder / f"{setting}-{method}-{seed}"
+    s = SETTINGS[setting]
+    run_dir = folder / f"{setting}-{m.name.replace(':', '_')}-{seed}"
     settings = TrainSettings(
-        norm="local" if method == "single" else method,
-        workers=workers,
-        batch=batch,
-        sharding=sharding,
+        norm=m.norm,
+        workers=s.workers,
+        batch=s.batch,
+        sharding=s.sharding,
+        model=s.model,
         seed=seed,
         epochs=epochs,
-        history_weight=history_weight,
         max_steps_per_epoch=max_steps_per_epoch,
         run_dir=run_dir,
+        **dict(m.options),
     )
-    if method == "single":
-        return dataclasses.asdict(train.train_single(settings, workers))
-    if method == "psq":
-        with cluster(1, "--half-life", str(half_life)) as frontend:
+    if m.norm == "psq":
+        half_life = () if m.half_life is None else ("--half-life", str(m.half_life))
+        with cluster(1, *half_life) as frontend:
             code = train.launch(dataclasses.replace(settings, frontend=frontend))
     else:
         code = train.launch(settings)
@@ -68,32 +121,29 @@ def one_run(
 
 
 def run(
-    settings: tuple[str, ...] = ("a", "b", "c"),
+    settings: tuple[str, ...] = ("a", "b", "c", "d", "e"),
     seeds: tuple[int, ...] = (0, 1, 2),
     epochs: int = 5,
-    history_weight: float = 0.75,
-    half_life: float = 4096.0,
+    methods: tuple[Method, ...] = tuple(method(m) for m in DEFAULT_METHODS),
     out: Path = Path("runs/accuracy"),
     as_json: bool = False,
     max_steps_per_epoch: int = 0,
 ) -> list[list[Any]]:
+    """Every setting x seed x method, methods interleaved within each seed; the table, JSON and PNG."""
     out.mkdir(parents=True, exist_ok=True)
     results: dict[tuple[str, str], list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for setting in settings:
             for seed in seeds:
-                for method in METHODS:
-                    r = one_run(
-                        setting, method, seed, epochs, history_weight, half_life, Path(tmp), max_steps_per_epoch
-                    )
-                    results.setdefault((setting, method), []).append(r)
-    rows = [_row(setting, method, runs) for (setting, method), runs in results.items()]
+                for m in methods:
+                    r = one_run(setting, m, seed, epochs, Path(tmp), max_steps_per_epoch)
+                    results.setdefault((setting, m.name), []).append(r)
+    rows = [_row(setting, name, runs, results) for (setting, name), runs in results.items()]
     (out / "accuracy.json").write_text(json.dumps({f"{s}/{m}": v for (s, m), v in results.items()}, indent=1))
-    plot = _plot(results, out / "accuracy.png")
+    plot = _plot(results, [m.name for m in methods], out / "accuracy.png")
     emit(
-        f"psq bench accuracy: digits, {epochs} epochs, seeds {list(seeds)}, psq history weight {history_weight}, "
-        f"half-life {half_life:g} samples",
-        ["setting", "method", "test acc %", "recomputed BN %", "wall s/run"],
+        f"psq bench accuracy: digits, {epochs} epochs, seeds {list(seeds)}, learning rate 0.1 x global batch / 64",
+        ["setting", "method", "test acc %", "vs syncbn", "recomputed BN %", "train s/run", "x local time"],
         rows,
         as_json,
         plot=str(plot),
@@ -102,21 +152,25 @@ def run(
     return rows
 
 
-def _row(setting: str, method: str, runs: list[dict[str, Any]]) -> list[Any]:
-    workers, batch, sharding = SETTINGS[setting]
+def _row(setting: str, name: str, runs: list[dict[str, Any]], results: dict[tuple[str, str], Any]) -> list[Any]:
     acc = np.array([r["accuracy"] for r in runs]) * 100
     rec = np.array([r["accuracy_recomputed"] for r in runs]) * 100
-    wall = np.array([r["wall_s"] for r in runs])
+    wall = float(np.mean([r["wall_s"] for r in runs]))
+    sync, local = results.get((setting, "syncbn")), results.get((setting, "local"))
+    versus = acc.mean() - np.mean([r["accuracy"] for r in sync]) * 100 if sync else float("nan")
+    over_local = wall / np.mean([r["wall_s"] for r in local]) if local else float("nan")
     return [
-        f"({setting}) {workers}x{batch} {sharding}",
-        method,
+        f"({setting}) {SETTINGS[setting].describe()}",
+        name,
         f"{acc.mean():.2f} ± {acc.std():.2f}",
+        f"{versus:+.2f}",
         f"{rec.mean():.2f} ± {rec.std():.2f}",
-        float(wall.mean()),
+        wall,
+        float(over_local),
     ]
 
 
-def _plot(results: dict[tuple[str, str], list[dict[str, Any]]], path: Path) -> Path:
+def _plot(results: dict[tuple[str, str], list[dict[str, Any]]], methods: list[str], path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -125,19 +179,16 @@ def _plot(results: dict[tuple[str, str], list[dict[str, Any]]], path: Path) -> P
     settings = sorted({s for s, _ in results})
     fig, axes = plt.subplots(1, len(settings), figsize=(5 * len(settings), 4), squeeze=False)
     for ax, setting in zip(axes[0], settings):
-        workers, batch, sharding = SETTINGS[setting]
-        for method in METHODS:
-            runs = results.get((setting, method))
+        for name in methods:
+            runs = results.get((setting, name))
             if not runs:
                 continue
             curves = np.array([r["accuracy_per_epoch"] for r in runs]) * 100
             epochs = np.arange(1, curves.shape[1] + 1)
-            ax.errorbar(epochs, curves.mean(0), yerr=curves.std(0), label=method, marker="o", capsize=3)
-        ax.set(
-            title=f"({setting}) {workers} workers x batch {batch}, {sharding}", xlabel="epoch", ylabel="test accuracy %"
-        )
+            ax.errorbar(epochs, curves.mean(0), yerr=curves.std(0), label=name, marker="o", capsize=3)
+        ax.set(title=f"({setting}) {SETTINGS[setting].describe()}", xlabel="epoch", ylabel="test accuracy %")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

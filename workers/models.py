@@ -25,9 +25,10 @@ class BasicBlock(nn.Module):
         return self.relu(out + self.shortcut(x))
 
 
-def small_resnet(classes: int = 10, width: int = 16) -> nn.Module:
-    """A small ResNet for 3x32x32 inputs: a stem and three stages of two basic blocks (15 BN layers)."""
-    layers: list[nn.Module] = [nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+def small_resnet(classes: int = 10, width: int = 16, inputs: int = 3) -> nn.Module:
+    """A small ResNet for 32x32 inputs: a stem and three stages of two basic blocks (15 BN layers)."""
+    stem = nn.Conv2d(inputs, width, 3, 1, 1, bias=False)
+    layers: list[nn.Module] = [stem, nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
     channels = width
     for stage, out in enumerate((width, 2 * width, 4 * width)):
         for block in range(2):
@@ -54,3 +55,11 @@ def digits_cnn(classes: int = 10, width: int = 32) -> nn.Module:
         nn.Flatten(),
         nn.Linear(2 * width, classes),
     )
+
+
+def digits_resnet(classes: int = 10) -> nn.Module:
+    """:func:`small_resnet` on the 1x8x8 digits, upsampled to 32x32 inside the model."""
+    return nn.Sequential(nn.Upsample(size=32, mode="bilinear", align_corners=False), small_resnet(classes, inputs=1))
+
+
+MODELS = {"cnn": digits_cnn, "resnet": digits_resnet}

@@ -39,7 +39,7 @@ from psq.loop import WorkerLoop
 from psq.security import ClientKeys
 from psq.torch import convert_batchnorm, ddp_buffer_sync
 from workers.data import Digits, digits, epoch_batches, shards
-from workers.models import digits_cnn
+from workers.models import MODELS
 
 log = logging.getLogger("psq.train")
 COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=120)  # a dead peer fails the run instead of hanging it
@@ -115,7 +115,7 @@ def _shared_run_id(rank: int) -> str:
 
 def _model(settings: TrainSettings, job: str, rank: int) -> tuple[nn.Module, WorkerLoop | None]:
     torch.manual_seed(settings.seed)
-    model = digits_cnn()
+    model = MODELS[settings.model]()
     if settings.norm == "syncbn":
         from fairscale.experimental.nn import SyncBatchNorm  # torch's refuses CPU tensors
 
@@ -132,7 +132,18 @@ def _model(settings: TrainSettings, job: str, rank: int) -> tuple[nn.Module, Wor
             settings.frontend,
             settings.wait_for_service_s,
         )
-    return convert_batchnorm(model, loop, history_weight=settings.history_weight), loop
+    return convert_batchnorm(model, loop, **psq_options(settings)), loop
+
+
+def psq_options(settings: TrainSettings) -> dict[str, Any]:
+    """PSBatchNorm's options the settings name; the rest keep the layer's defaults."""
+    given = {"history_weight": settings.history_weight, "gradient_history_weight": settings.gradient_history_weight}
+    return {"gradient": settings.gradient, **{k: v for k, v in given.items() if v is not None}}
+
+
+def learning_rate(settings: TrainSettings, world: int) -> float:
+    """The peak learning rate: as given, else the linear scaling rule, 0.1 per 64 images a step."""
+    return settings.lr if settings.lr is not None else 0.1 * world * settings.batch / 64
 
 
 def _train(
@@ -155,7 +166,8 @@ def _train(
     total = per_epoch * settings.epochs
     if total == 0:
         raise ValueError(f"a batch of {settings.batch} is larger than a worker's {len(mine[0])} training images")
-    opt = torch.optim.SGD(net.parameters(), lr=settings.lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    lr = learning_rate(settings, world)
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / total, 1.0))))
     bar = _progress(total, ranks[0])
     accuracies, stats, t0 = [], RankStats(), time.perf_counter()
@@ -191,7 +203,7 @@ def train_single(settings: TrainSettings, world: int) -> RunResult:
     ``world`` workers would see."""
     torch.set_num_threads(1)
     torch.manual_seed(settings.seed)
-    model = digits_cnn()
+    model = MODELS[settings.model]()
     data = digits()
     accuracies, stats = _train(settings, list(range(world)), world, model, model, None, data, threading.Event())
     return _finish(settings, world, model, data, accuracies, [asdict(stats)])
@@ -214,10 +226,12 @@ def evaluate(model: nn.Module, data: Digits) -> float:
 
 
 @torch.no_grad()
-def accuracy_with_recomputed_statistics(state: dict[str, torch.Tensor], data: Digits, batch: int = 64) -> float:
+def accuracy_with_recomputed_statistics(
+    state: dict[str, torch.Tensor], data: Digits, model: str, batch: int = 64
+) -> float:
     """Test accuracy of the trained weights after recomputing every BN layer's statistics on the
     whole training set, in a plain model: tells training-side from evaluation-side effects."""
-    plain = digits_cnn()
+    plain = MODELS[model]()
     plain.load_state_dict(state)
     for m in plain.modules():
         if isinstance(m, nn.BatchNorm2d):
@@ -244,7 +258,7 @@ def _finish(
         world,
         accuracies,
         accuracies[-1],
-        accuracy_with_recomputed_statistics(state, data),
+        accuracy_with_recomputed_statistics(state, data, settings.model),
         wall,
         steps,
         steps / wall,

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from psq.bench.services import services
-from psq.bench.shapes import random_stats, resnet50_layout
+from psq.bench.shapes import client_step, resnet50_layout
 from psq.bench.timing import emit
 from psq.client import StatsClient, Unavailable
 
@@ -27,8 +27,7 @@ PROCESSES = 2
 
 
 async def _workers(frontend: str, names: list[str], step_s: float, seconds: float) -> dict[str, Any]:
-    layout = resnet50_layout()
-    stats = layout.split(*random_stats(layout))
+    step_stats = client_step(resnet50_layout(), gradients=True)  # a training step: moments and gradient means
     rtts: list[float] = []
     errors = 0
 
@@ -41,7 +40,7 @@ async def _workers(frontend: str, names: list[str], step_s: float, seconds: floa
             while time.perf_counter() - start < seconds:
                 t0 = time.perf_counter()
                 try:
-                    await client.push(step, stats)
+                    await client.push(step, **step_stats)
                     rtts.append(time.perf_counter() - t0)
                 except Unavailable:
                     errors += 1
@@ -82,7 +81,7 @@ def run(
     as_json: bool = False,
 ) -> list[list[Any]]:
     layout = resnet50_layout()
-    message_mb = (layout.layers * 8 + layout.total * 8) / 1e6
+    message_mb = (2 * layout.layers * 8 + 2 * layout.total * 8) / 1e6  # float32 moments and gradient means
     rows, largest = [], {}
     for shards in shard_counts:
         with services(shards) as svc:
@@ -110,8 +109,8 @@ def run(
                     break
                 workers *= 2
     emit(
-        f"psq bench load: simulated workers pushing ResNet-50 statistics every {step_s * 1e3:.0f} ms, "
-        f"{seconds:g} s each, clients in {PROCESSES} processes, tcp loopback",
+        f"psq bench load: simulated workers pushing ResNet-50 statistics and gradient means every "
+        f"{step_s * 1e3:.0f} ms, {seconds:g} s each, clients in {PROCESSES} processes, tcp loopback",
         ["shards", "workers", "pushes/s", "MB/s", "p50 ms", "p99 ms", "errors", "broker MiB", "aggregator MiB"],
         rows,
         as_json,

@@ -1,10 +1,14 @@
-"""Model shapes the benchmarks use, without importing torch."""
+"""Model shapes and plausible statistics the benchmarks use, without importing torch."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
+from psq import protocol
 from psq.layout import Layout
+from psq.stats import GradientMeans, LayerGradients
 
 
 def resnet50_layout() -> Layout:
@@ -22,11 +26,46 @@ def resnet50_layout() -> Layout:
 
 
 def random_stats(
-    layout: Layout, dtype: type = np.float32, seed: int = 0, count: float = 256.0
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Plausible flat statistics: (counts per layer, means, biased variances)."""
+    layout: Layout, dtype: type = np.float32, seed: int = 0, count: float = 256.0, images: float = 4.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Plausible flat statistics: (counts per layer, means, biased variances, images per layer)."""
     rng = np.random.default_rng(seed)
     counts = np.full(layout.layers, count)
     means = rng.normal(size=layout.total).astype(dtype)
     var = rng.gamma(2.0, 0.5, size=layout.total).astype(dtype)
-    return counts, means, var
+    return counts, means, var, np.full(layout.layers, images)
+
+
+def random_gradients(layout: Layout, dtype: type = np.float32, seed: int = 1, count: float = 256.0) -> LayerGradients:
+    """Plausible flat gradient means of a backward pass (signed, small)."""
+    rng = np.random.default_rng(seed)
+    return LayerGradients(
+        np.full(layout.layers, count),
+        (rng.normal(size=layout.total) * 1e-3).astype(dtype),
+        (rng.normal(size=layout.total) * 1e-3).astype(dtype),
+    )
+
+
+def step_push(layout: Layout, gradients: bool, seq: int = 1) -> protocol.Push:
+    """One worker's step for ``layout`` as the wire carries it (float32), with or without the
+    backward's statistics."""
+    counts, means, var, images = random_stats(layout)
+    grads = random_gradients(layout) if gradients else None
+    return protocol.Push("bench", "w", 1, seq, seq, layout, counts, means, var, images, "<f4", grads)
+
+
+def client_step(layout: Layout, gradients: bool) -> dict[str, Any]:
+    """The same step as keyword arguments of :meth:`psq.client.StatsClient.push` after the step number."""
+    counts, means, var, images = random_stats(layout)
+    out: dict[str, Any] = {
+        "stats": layout.split(counts, means, var),
+        "images": dict(zip(layout.names, images.tolist())),
+    }
+    if gradients:
+        g = random_gradients(layout)
+        o = layout.offsets
+        out["gradients"] = {
+            n: GradientMeans(float(g.counts[i]), g.dy[o[i] : o[i + 1]], g.dy_xhat[o[i] : o[i + 1]])
+            for i, n in enumerate(layout.names)
+        }
+    return out

@@ -1,7 +1,8 @@
 """``psq bench transport``: round trips and sustained pushes through broker and aggregators.
 
-Side by side in one run, for a ResNet-50-sized push (53 layers, 26,560 channels, float32) and a
-small one (1 layer, 64 channels):
+Side by side in one run, for a ResNet-50-sized push (53 layers, 26,560 channels, float32) with
+the forward's moments alone and with a training step's gradient means too, and a small one (1
+layer, 64 channels):
 
 * the floor — the same frames echoed by a raw pyzmq peer through one C-level ``zmq.proxy`` hop
   (round trip), and sent one way through the proxy as fast as it takes them (rate);
@@ -22,11 +23,10 @@ import zmq
 
 from psq import protocol
 from psq.bench.services import cluster, free_address, processes
-from psq.bench.shapes import random_stats, resnet50_layout
+from psq.bench.shapes import client_step, resnet50_layout, step_push
 from psq.bench.timing import emit
 from psq.client import StatsClient
 from psq.layout import Layout
-from psq.stats import Moments
 
 CLIENTS = 4  # concurrent clients for the sustained rate
 
@@ -35,32 +35,27 @@ CLIENTS = 4  # concurrent clients for the sustained rate
 class Case:
     name: str
     layout: Layout
+    gradients: bool = False
 
 
 def cases() -> list[Case]:
     return [
         Case("resnet50 (53 layers, 26,560 ch)", resnet50_layout()),
+        Case("resnet50 + gradient means", resnet50_layout(), gradients=True),
         Case("small (1 layer, 64 ch)", Layout(("bn",), (64,))),
     ]
 
 
-def _stats(layout: Layout) -> dict[str, Moments]:
-    counts, means, var = random_stats(layout)
-    return layout.split(counts, means, var)
-
-
-def _frames(layout: Layout) -> list[bytes]:
-    counts, means, var = random_stats(layout)
-    push = protocol.Push("bench", "w", 1, 1, 1, layout, counts, means, var, "<f4")
-    return [bytes(memoryview(f)) for f in protocol.encode_push(push, 0, False)]
+def _frames(case: Case) -> list[bytes]:
+    return [bytes(memoryview(f)) for f in protocol.encode_push(step_push(case.layout, case.gradients), 0, False)]
 
 
 # -- the floor ------------------------------------------------------------------------------------
 
 
-def floor(layout: Layout, round_trips: int, seconds: float) -> tuple[np.ndarray, float]:
+def floor(case: Case, round_trips: int, seconds: float) -> tuple[np.ndarray, float]:
     """(round-trip seconds, one-way messages per second) of the same frames through zmq.proxy."""
-    frames = _frames(layout)
+    frames = _frames(case)
     front, back = free_address(), free_address()
     ctx = zmq.Context.instance()
     with processes(["psq.bench.floor", "proxy", front, back], ["psq.bench.floor", "echo", back]):
@@ -116,35 +111,35 @@ def _marker(sock: zmq.Socket) -> None:
 # -- psq ------------------------------------------------------------------------------------------
 
 
-async def psq_round_trips(front: str, layout: Layout, n: int) -> np.ndarray:
-    stats = _stats(layout)
+async def psq_round_trips(front: str, case: Case, n: int) -> np.ndarray:
+    step = client_step(case.layout, case.gradients)
     out = np.empty(n)
     async with StatsClient(front, job="bench", worker="rtt", timeout_s=5) as client:
-        for step in range(20):
-            await client.push(step, stats)
+        for i in range(20):
+            await client.push(i, **step)
         for i in range(n):
             t0 = time.perf_counter()
-            await client.push(i, stats)
+            await client.push(i, **step)
             out[i] = time.perf_counter() - t0
     return out
 
 
-async def psq_rate(front: str, layout: Layout, seconds: float) -> float:
+async def psq_rate(front: str, case: Case, seconds: float) -> float:
     """Pushes per second of CLIENTS clients each pushing back to back (nothing coalesced)."""
-    stats = _stats(layout)
+    step = client_step(case.layout, case.gradients)
     clients = [StatsClient(front, job="bench", worker=f"rate{i}", timeout_s=5) for i in range(CLIENTS)]
     for c in clients:
         await c.open()
-        await c.push(0, stats)
+        await c.push(0, **step)
     done = 0
     stop = time.perf_counter() + seconds
 
     async def pusher(client: StatsClient) -> None:
         nonlocal done
-        step = 1
+        number = 1
         while time.perf_counter() < stop:
-            await client.push(step, stats)
-            step += 1
+            await client.push(number, **step)
+            number += 1
             done += 1
 
     t0 = time.perf_counter()
@@ -158,13 +153,13 @@ async def psq_rate(front: str, layout: Layout, seconds: float) -> float:
 def run(round_trips: int = 300, seconds: float = 3.0, as_json: bool = False) -> list[list[object]]:
     rows: list[list[object]] = []
     for case in cases():
-        rtt, one_way = floor(case.layout, round_trips, seconds)
+        rtt, one_way = floor(case, round_trips, seconds)
         p50 = float(np.median(rtt))
         rows.append([case.name, "floor: zmq.proxy + echo", p50 * 1e3, np.percentile(rtt, 99) * 1e3, 1.0, one_way, 1.0])
         for shards in (1, 2):
             with cluster(shards) as front:
-                samples = asyncio.run(psq_round_trips(front, case.layout, round_trips))
-                rate = asyncio.run(psq_rate(front, case.layout, seconds))
+                samples = asyncio.run(psq_round_trips(front, case, round_trips))
+                rate = asyncio.run(psq_rate(front, case, seconds))
             rows.append(
                 [
                     case.name,

@@ -29,10 +29,10 @@ async def batches(steps: int):  # an asynchronous data source, as a trainer migh
         yield x, (x.mean((1, 2, 3)) > 0).long()
 
 
-async def main(frontend: str, steps: int = 40) -> float:
+async def main(frontend: str, steps: int = 80) -> float:
     torch.manual_seed(0)
     async with WorkerLoop(frontend, job="example-async", worker="w0") as loop:
-        model = convert_batchnorm(make_model(), loop, history_weight=0.8)
+        model = convert_batchnorm(make_model(), loop)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         async for x, y in batches(steps):
             loss = nn.functional.cross_entropy(model(x), y)

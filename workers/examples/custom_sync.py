@@ -29,10 +29,10 @@ def make_model() -> nn.Module:
     )
 
 
-def main(frontend: str, steps: int = 40) -> float:
+def main(frontend: str, steps: int = 80) -> float:
     torch.manual_seed(0)
     with WorkerLoop(frontend, job="example-sync", worker="w0") as loop:  # 1. a background thread
-        model = convert_batchnorm(make_model(), loop, history_weight=0.8)  # 2. PSBatchNorm layers
+        model = convert_batchnorm(make_model(), loop)  # 2. PSBatchNorm layers
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         for _ in range(steps):
             x = torch.randn(2, 1, 6, 6)
