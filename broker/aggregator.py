@@ -220,8 +220,9 @@ class Aggregator:
         self.store.update(job, placement, pooled, images)
         for push in pushes:
             self.store.remember(push)
-        versions = self.store.jobs[job].versions[placement.layers].copy()
-        done = Finished(pooled.counts, pooled.mean, pooled.var, versions, complete)
+        state = self.store.jobs[job]
+        versions, seen = state.versions[placement.layers].copy(), state.seen[placement.layers].copy()
+        done = Finished(pooled.counts, pooled.mean, pooled.var, versions, seen, complete)
         self.sync.finish(key, done)
         for route, push in step.arrivals.values():
             self._send_finished(route, push, done)
@@ -236,6 +237,7 @@ class Aggregator:
             done.means.astype(dtype, copy=False),
             done.var.astype(dtype, copy=False),
             done.versions,
+            done.seen,
             done.complete,
         )
         self._send(route, protocol.encode_history(reply, self.shard))

@@ -2,8 +2,9 @@
 
 File format: ``b"PSQSNAP"`` + format version (1 byte) + CRC-32 of the payload (4 bytes,
 little-endian) + the payload, one msgpack map with the arrays as raw little-endian bytes.
-Format 2 adds each job's gradient history and the half-life's unit; a format-1 snapshot still
-loads (no gradient history yet; its half-life counted elements).
+Format 2 adds each job's gradient history, the images each layer has seen and the half-life's
+unit; a format-1 snapshot still loads (no gradient history, no images seen yet; its half-life
+counted elements).
 Writing goes to a temporary file in the same folder, fsynced, then renamed over the old
 snapshot (and the folder fsynced), so a crash leaves either the old or the new snapshot whole.
 Reading refuses a corrupt or incompatible file with a :class:`SnapshotError` and never
@@ -24,7 +25,7 @@ import numpy as np
 
 from broker.store import HALF_LIFE_UNITS, JobState, Store
 from psq.layout import Layout, LayoutError
-from psq.protocol import ProtocolError, check_gradients, check_stats
+from psq.protocol import ProtocolError, check_counts, check_gradients, check_stats
 from psq.stats import LayerGradients
 
 log = logging.getLogger("psq.aggregator")
@@ -35,7 +36,7 @@ _HEAD = struct.Struct("<7sBI")
 _KEYS = {1: {"shard", "shards", "half_life", "jobs", "applied"}}
 _KEYS[2] = _KEYS[1] | {"half_life_unit"}
 _JOB_KEYS = {1: {"names", "channels", "counts", "means", "vars", "versions", "layouts"}}
-_JOB_KEYS[2] = _JOB_KEYS[1] | {"grad_counts", "grad_dy", "grad_dy_xhat"}
+_JOB_KEYS[2] = _JOB_KEYS[1] | {"seen", "grad_counts", "grad_dy", "grad_dy_xhat"}
 
 
 class SnapshotError(Exception):
@@ -54,6 +55,7 @@ def dumps(store: Store) -> bytes:
             "vars": job.var[:n].astype("<f8").tobytes(),
             "versions": job.versions[:layers].astype("<u8").tobytes(),
             "layouts": [[list(p.layout.names), list(p.layout.channels)] for p in job.placements.values()],
+            "seen": job.seen[:layers].astype("<f8").tobytes(),
             "grad_counts": job.grad_counts[:layers].astype("<f8").tobytes(),
             "grad_dy": job.grad_dy[:n].astype("<f8").tobytes(),
             "grad_dy_xhat": job.grad_dy_xhat[:n].astype("<f8").tobytes(),
@@ -168,8 +170,10 @@ def _job(name: str, fields: Any, fmt: int) -> JobState:
     var = _array(fields["vars"], "<f8", layout.total, name, "vars")
     versions = _array(fields["versions"], "<u8", layout.layers, name, "versions")
     gradients = _gradients(fields, layout, name) if fmt >= 2 else None
+    seen = _array(fields["seen"], "<f8", layout.layers, name, "seen") if fmt >= 2 else np.zeros(layout.layers)
     try:
         check_stats(counts, means, var)
+        check_counts("images seen", seen)
         if gradients is not None:
             check_gradients(gradients)
     except ProtocolError as exc:
@@ -180,7 +184,7 @@ def _job(name: str, fields: Any, fmt: int) -> JobState:
         job.place(placed)
     n, layers = layout.total, layout.layers
     job.counts[:layers], job.mean[:n], job.var[:n] = counts, means, var
-    job.versions[:layers] = versions
+    job.versions[:layers], job.seen[:layers] = versions, seen
     if gradients is not None:
         job.grad_counts[:layers], job.grad_dy[:n], job.grad_dy_xhat[:n] = (
             gradients.counts,

@@ -58,6 +58,7 @@ class JobState:
         self.var = np.zeros(0)
         self.versions = np.zeros(0, np.uint64)
         self.updated = np.zeros(0)  # time.monotonic() of each layer's last update, 0 before any
+        self.seen = np.zeros(0)  # per layer: every image that ever arrived, undecayed (the job's clock)
         self.grad_counts = np.zeros(0)  # per layer: the backward's statistics
         self.grad_dy = np.zeros(0)
         self.grad_dy_xhat = np.zeros(0)
@@ -125,7 +126,7 @@ class JobState:
 
 
 _PER_CHANNEL = ("mean", "var", "grad_dy", "grad_dy_xhat")
-_PER_LAYER = ("counts", "versions", "updated", "grad_counts")
+_PER_LAYER = ("counts", "versions", "updated", "seen", "grad_counts")
 
 
 def _as_slice(positions: np.ndarray) -> slice | np.ndarray:
@@ -227,6 +228,7 @@ class Store:
             g.counts[...] *= kept
         job.put(placement, h, g)
         job.versions[placement.layers] += np.uint64(1)
+        job.seen[placement.layers] += images
         job.updated[placement.layers] = time.monotonic()
         self.updates += 1
         self.dirty = True
@@ -257,8 +259,9 @@ class Store:
         if gradients:
             dy, dy_xhat = _cast(placement, dtype, "gradients", job.grad_dy[ch], job.grad_dy_xhat[ch])
             g = LayerGradients(job.grad_counts[placement.layers], dy, dy_xhat)
+        layers = placement.layers
         return HistoryReply(
-            seq, step, placement.layout.id, job.counts[placement.layers], means, var, job.versions[placement.layers],
+            seq, step, placement.layout.id, job.counts[layers], means, var, job.versions[layers], job.seen[layers],
             complete, g,
         )  # fmt: skip
 

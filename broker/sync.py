@@ -42,12 +42,13 @@ class Step:
 
 @dataclass(frozen=True)
 class Finished:
-    """A step's pooled moments, per layer counts, and the versions after its update."""
+    """A step's pooled moments, per layer counts, and the versions and images seen after its update."""
 
     counts: np.ndarray
     means: np.ndarray
     var: np.ndarray
     versions: np.ndarray
+    seen: np.ndarray
     complete: bool
 
 

@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     acc = benches.add_parser("accuracy", help="test accuracy on digits: per-worker, synchronized and psq batch norm")
     acc.add_argument(
-        "--settings", type=_choices("abcde"), default="abcde", help="which of settings a-e (default abcde)"
+        "--settings", type=_choices("abcdef"), default="abcdef", help="which of settings a-f (default all)"
     )
     acc.add_argument(
         "--seeds", type=_checked(config.positive_int), default=3, help="seeds per setting and method (default 3)"

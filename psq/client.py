@@ -108,6 +108,11 @@ class PushResult(Mapping[str, Moments]):
     def versions(self) -> dict[str, int]:
         return {name: int(self.parts[p][1].versions[i]) for name, (p, i) in self._where.items()}
 
+    def seen(self, name: str) -> float:
+        """The images that ever arrived for a layer, from every worker: the job's clock."""
+        p, i = self._where[name]
+        return float(self.parts[p][1].seen[i])
+
     def gradient(self, name: str) -> GradientMeans | None:
         """The gradient history of a layer, when its push carried gradients (else None)."""
         p, i = self._where[name]

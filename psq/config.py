@@ -212,6 +212,9 @@ class TrainSettings:
     gradient_history_weight: float | None = setting(
         None, "psq: the same for the backward's statistics (none: the history weight)", unit_interval
     )
+    warmup_images: float | None = setting(
+        None, "psq: images over which both history weights ramp up (none: PSBatchNorm's default)", non_negative_float
+    )
     gradient: str = setting(
         "cluster",
         "psq: the backward, cluster (with the cluster's gradient history), renorm or exact (for comparison)",

@@ -86,6 +86,7 @@ class LayerHistory:
     version: int  # updates the aggregator has applied to this layer
     step: int  # the step whose push brought it back
     gradient: GradientMeans | None = None  # the gradient history, once a push carried gradients
+    seen: float = 0.0  # images that ever arrived for this layer, from every worker
 
 
 class ForkedLoop(RuntimeError):
@@ -469,7 +470,9 @@ class WorkerLoop:
                 if old is None or old.version != versions[name] or old.step < number:
                     # a reply to a push without gradients carries no gradient history: keep the last
                     gradient = result.gradient(name) or (old.gradient if old is not None else None)
-                    self._histories[name] = LayerHistory(result[name], versions[name], number, gradient)
+                    self._histories[name] = LayerHistory(
+                        result[name], versions[name], number, gradient, result.seen(name)
+                    )
             self._lock.notify_all()
         if back and self._away:
             self._away = False

@@ -14,8 +14,9 @@ A step's statistics for one shard travel as one ``PUSH``: counts per layer (floa
 layers' means in one array, all variances in another, and the images per layer (float64: the
 unit of the aggregator's half-life); then, when the step had a backward pass, its gradient
 statistics (:class:`psq.stats.LayerGradients`: counts per layer, all means of ``∂L/∂y``, all
-means of ``∂L/∂y·x̂``).  A ``HISTORY`` reply carries the gradient history (counts,
-the two means) when its push carried gradients.  Every decoder validates everything and raises
+means of ``∂L/∂y·x̂``).  A ``HISTORY`` reply carries each layer's history, its version and the
+images that ever arrived for it (the job's clock), and the gradient history (counts, the two
+means) when its push carried gradients.  Every decoder validates everything and raises
 :class:`ProtocolError` (a code and a readable message) on any defect; nothing is ever unpickled.
 """
 
@@ -277,6 +278,11 @@ def check_stats(counts: np.ndarray, means: np.ndarray, var: np.ndarray) -> None:
     _check_range("variances", var, 0.0, MAX_VAR)
 
 
+def check_counts(name: str, counts: np.ndarray) -> None:
+    """Counts of anything (images seen, say): finite, non-negative and within range."""
+    _check_range(name, counts, 0.0, MAX_COUNT)
+
+
 def check_images(images: np.ndarray, counts: np.ndarray) -> None:
     """Images per layer: within range, and no more than the elements they gave (at least one each)."""
     _check_range("images", images, 0.0, MAX_COUNT)  # NaN fails here, before the comparison below
@@ -461,29 +467,33 @@ class HistoryReply:
     means: np.ndarray
     var: np.ndarray  # biased
     versions: np.ndarray  # uint64, one per layer
+    seen: np.ndarray  # float64, one per layer: the images that ever arrived for it (the job's clock)
     complete: bool = True  # sync mode: False when the step's timeout passed before all workers
     gradients: LayerGradients | None = None  # the gradient history, when the push carried gradients
 
 
 def encode_history(reply: HistoryReply, key: int) -> list[Any]:
     header = {"seq": reply.seq, "step": reply.step, "layout": reply.layout_id, "complete": reply.complete}
-    arrays = (reply.counts, reply.means, reply.var, reply.versions, *_gradient_frames(reply.gradients))
+    arrays = (reply.counts, reply.means, reply.var, reply.versions, reply.seen, *_gradient_frames(reply.gradients))
     return encode(Command.HISTORY, key, header, arrays)
 
 
 def parse_history(msg: Message, layout: Layout) -> HistoryReply:
     """A validated :class:`HistoryReply` for a push made with ``layout``."""
     _expect(msg, Command.HISTORY)
-    h = _fields(msg, {"seq": int, "step": int, "layout": bytes, "complete": bool}, arrays=(4, 7))
+    h = _fields(msg, {"seq": int, "step": int, "layout": bytes, "complete": bool}, arrays=(5, 8))
     if h["layout"] != layout.id:
         raise ProtocolError(
             ErrorCode.LAYOUT, f"reply is for layout {h['layout'].hex()}, the push used {layout.id.hex()}"
         )
     counts, means, var = _stat_arrays(msg.arrays, layout, "<f8")
     versions = _per_layer(msg.arrays[3], layout, "versions", "<u8")
+    seen = _per_layer(msg.arrays[4], layout, "images seen")
     check_stats(counts, means, var)
-    gradients = _gradient_arrays(msg.arrays[4:], layout, means.dtype.str)
-    return HistoryReply(h["seq"], h["step"], h["layout"], counts, means, var, versions, h["complete"], gradients)
+    check_counts("images seen", seen)
+    gradients = _gradient_arrays(msg.arrays[5:], layout, means.dtype.str)
+    ids = (h["seq"], h["step"], h["layout"])
+    return HistoryReply(*ids, counts, means, var, versions, seen, h["complete"], gradients)
 
 
 # -- ERROR ------------------------------------------------------------------------------------

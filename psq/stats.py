@@ -258,6 +258,13 @@ def blend_weight(n_history: Any, n_batch: Any, weight: float) -> Any:
     return c / np.maximum(c + n_batch, _TINY)
 
 
+def warmed_up(weight: float, seen: float, warmup: float) -> float:
+    """The history weight while the job warms up: ``w·min(1, S/W)`` after ``S`` of the ``W``
+    warm-up images.  Early in training the weights move fastest and a history goes stale
+    soonest; the ramp keeps it from dominating then."""
+    return weight * min(1.0, seen / warmup) if warmup > 0 else weight
+
+
 def history_cap(n_history: Any, n_batch: Any, weight: float) -> Any:
     """``c = min(nH, nB·w/(1−w))``: the part of the history's count a blend uses."""
     if not 0.0 <= weight < 1.0:

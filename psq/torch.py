@@ -36,12 +36,13 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from psq.loop import GradientSubmission, LayerHistory, Submission, WorkerLoop
-from psq.stats import Moments, blend_weight, remove, unbiased_var
+from psq.stats import Moments, blend_weight, remove, unbiased_var, warmed_up
 
 _FLOAT_STATS = (torch.float32, torch.float64)
 GRADIENTS = ("cluster", "renorm", "exact")
-# Defaults chosen on digits settings (a) and (b), confirmed on (c), (d) and a ResNet: docs/accuracy.md.
+# Defaults chosen on digits settings (a) and (b), then checked on (c), (d) and a ResNet: docs/accuracy.md.
 DEFAULT_HISTORY_WEIGHT = 0.9
+DEFAULT_WARMUP_IMAGES = 1024.0
 _BY_DIMS = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
 
 
@@ -61,6 +62,8 @@ class PSBatchNorm(_BatchNorm):
       history of them.  For comparison: ``"renorm"`` backpropagates through the batch
       statistics alone, scaled by the blend's correction (Batch Renormalization), and
       ``"exact"`` gives the exact derivative with the history constant;
+    * ``warmup_images``: both weights ramp up from 0 over the job's first this many images
+      (counted by the aggregator, every worker's), while the weights move fastest (0: none);
     * ``max_staleness``: if set, a step whose history is older than that many steps waits
       (up to the loop's ``staleness_timeout_s``) for fresher history, then goes on;
     * ``name``: the layer's name on the wire (``convert_batchnorm`` uses the module path);
@@ -85,6 +88,7 @@ class PSBatchNorm(_BatchNorm):
         device: Any = None,
         dtype: Any = None,
         gradient_history_weight: float | None = None,
+        warmup_images: float = DEFAULT_WARMUP_IMAGES,
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         if gradient_history_weight is None:
@@ -94,12 +98,15 @@ class PSBatchNorm(_BatchNorm):
                 raise ValueError(f"{what} must be in [0, 1), got {w!r}")
         if history_weight == 0 and gradient_history_weight:
             raise ValueError("history_weight=0 is plain batch norm: a gradient history needs history_weight > 0")
+        if not 0 <= warmup_images < float("inf"):
+            raise ValueError(f"warmup_images must be a non-negative number, got {warmup_images!r}")
         if max_staleness is not None and (not isinstance(max_staleness, int) or max_staleness < 0):
             raise ValueError(f"max_staleness must be None or a non-negative integer, got {max_staleness!r}")
         if gradient not in GRADIENTS:
             raise ValueError(f"gradient must be one of {', '.join(GRADIENTS)}, got {gradient!r}")
         self.history_weight = history_weight
         self.gradient_history_weight = gradient_history_weight
+        self.warmup_images = warmup_images
         self.max_staleness = max_staleness
         self.gradient = gradient
         self.name = name or f"bn{id(self):x}"
@@ -115,7 +122,7 @@ class PSBatchNorm(_BatchNorm):
     def extra_repr(self) -> str:
         psq = (
             f"history_weight={self.history_weight}, gradient_history_weight={self.gradient_history_weight}, "
-            f"gradient={self.gradient}, name={self.name!r}"
+            f"warmup_images={self.warmup_images:g}, gradient={self.gradient}, name={self.name!r}"
         )
         return f"{super().extra_repr()}, {psq}"
 
@@ -161,11 +168,13 @@ class PSBatchNorm(_BatchNorm):
         if h is None:
             return self._blend(x, _Blend(), count, no_history=True)
         gradient = h.dy is not None and self.gradient == "cluster"
+        weight = warmed_up(self.history_weight, h.seen, self.warmup_images)
+        gradient_weight = warmed_up(self.gradient_history_weight, h.seen, self.warmup_images)
         blend = _Blend(
-            float(blend_weight(h.count, count, self.history_weight)),
+            float(blend_weight(h.count, count, weight)),
             h.mean,
             h.var,
-            float(blend_weight(h.gradient_count, count, self.gradient_history_weight)) if gradient else 0.0,
+            float(blend_weight(h.gradient_count, count, gradient_weight)) if gradient else 0.0,
             h.dy,
             h.dy_xhat,
         )
@@ -215,6 +224,7 @@ class PSBatchNorm(_BatchNorm):
         g = h.gradient
         self._history = _DeviceHistory(
             h.version,
+            h.seen,
             float(h.moments.count),
             put(h.moments.mean),
             put(h.moments.var),
@@ -286,6 +296,7 @@ class _DeviceHistory:
     """A layer's history on its device: moments, and gradient means once they exist."""
 
     version: int
+    seen: float  # images the job has sent through the layer
     count: float
     mean: torch.Tensor
     var: torch.Tensor  # biased

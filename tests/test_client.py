@@ -253,7 +253,9 @@ async def test_malformed_replies_are_dropped_and_reported_not_trusted(ipc_dir):
             if command is protocol.Command.HELLO:
                 await fake.send_multipart([identity, *protocol.encode_welcome(1)])
             else:  # a HISTORY whose variances are negative and whose header lies about the seq
-                bad = protocol.HistoryReply(1, 0, b"\0" * 8, np.ones(1), np.zeros(2), -np.ones(2), np.ones(1, "<u8"))
+                bad = protocol.HistoryReply(
+                    1, 0, b"\0" * 8, np.ones(1), np.zeros(2), -np.ones(2), np.ones(1, "<u8"), np.ones(1)
+                )
                 await fake.send_multipart([identity, *protocol.encode_history(bad, key)])
 
     server = asyncio.get_running_loop().create_task(serve())

@@ -120,6 +120,7 @@ def make_reply(layout: Layout = LAYOUT, dtype: str = "<f4", complete: bool = Tru
         rng.normal(size=layout.total).astype(dtype),
         rng.random(layout.total).astype(dtype),
         np.arange(layout.layers, dtype="<u8"),
+        np.full(layout.layers, 123.0),
         complete,
         make_gradients(layout, dtype) if gradients else None,
     )
@@ -132,6 +133,7 @@ def test_history_reply_round_trips(layout, dtype, complete, gradients):
     got = protocol.parse_history(protocol.decode(wire(protocol.encode_history(reply, 2))), layout)
     assert (got.seq, got.step, got.complete) == (5, 9, complete)
     assert np.array_equal(got.means, reply.means) and np.array_equal(got.versions, reply.versions)
+    assert np.array_equal(got.seen, reply.seen)
     if gradients:
         assert np.array_equal(got.gradients.dy, reply.gradients.dy)
         assert np.array_equal(got.gradients.dy_xhat, reply.gradients.dy_xhat)
@@ -394,10 +396,18 @@ def test_oversized_message_is_refused():
 
 
 def test_history_reply_for_another_layout_is_refused():
-    reply = protocol.HistoryReply(1, 1, b"\0" * 8, np.ones(2), np.zeros(5), np.ones(5), np.zeros(2, "<u8"))
+    reply = protocol.HistoryReply(1, 1, b"\0" * 8, np.ones(2), np.zeros(5), np.ones(5), np.zeros(2, "<u8"), np.ones(2))
     refused(
         ErrorCode.LAYOUT, wire(protocol.encode_history(reply, 0)), parse=lambda m: protocol.parse_history(m, LAYOUT)
     )
+
+
+@pytest.mark.parametrize(("value", "code"), [(np.nan, ErrorCode.NONFINITE), (-2.0, ErrorCode.NEGATIVE)])
+def test_history_reply_with_bad_images_seen_is_refused(value, code):
+    reply = make_reply()
+    reply.seen[1] = value
+    frames = wire(protocol.encode_history(reply, 0))
+    assert "images seen" in str(refused(code, frames, parse=lambda m: protocol.parse_history(m, LAYOUT)))
 
 
 def test_history_reply_with_nonfinite_gradient_history_is_refused():

@@ -24,7 +24,7 @@ def filled_store() -> Store:
     return store
 
 
-FIELDS = ("counts", "mean", "var", "versions", "grad_counts", "grad_dy", "grad_dy_xhat")
+FIELDS = ("counts", "mean", "var", "versions", "seen", "grad_counts", "grad_dy", "grad_dy_xhat")
 
 
 def test_a_snapshot_round_trips_the_whole_store(tmp_path):
@@ -68,7 +68,7 @@ def test_a_format_1_snapshot_still_loads_without_gradient_history(tmp_path, capl
     p = payload_of(filled_store())
     del p["half_life_unit"]
     for job in p["jobs"].values():
-        for key in ("grad_counts", "grad_dy", "grad_dy_xhat"):
+        for key in ("seen", "grad_counts", "grad_dy", "grad_dy_xhat"):
             del job[key]
     path = tmp_path / "old.snap"
     path.write_bytes(sealed(msgpack.packb(p, use_bin_type=True), fmt=1))
@@ -119,6 +119,7 @@ def corrupt_cases() -> list[tuple[str, object]]:
         ("gradient counts must be >= 0", resealed(job_with(grad_counts=np.array([-1.0, 2.0]).tobytes()))),
         ("grad_dy_xhat must be 5 x <f8", resealed(job_with(grad_dy_xhat=b"\0" * 16))),
         ("keys", resealed(no_gradients)),
+        ("images seen contain NaN", resealed(job_with(seen=np.array([np.nan, 1.0]).tobytes()))),
         ("half_life_unit", resealed({**p, "half_life_unit": "fortnights"})),
         (
             "a layout names layers",

@@ -311,3 +311,10 @@ def test_decay_halves_a_count_every_half_life():
     from psq.stats import decay
 
     np.testing.assert_allclose(decay(np.array([0.0, 64.0, 128.0]), 64.0), [1.0, 0.5, 0.25])
+
+
+def test_the_warm_up_ramps_the_weight_linearly_then_holds_it():
+    from psq.stats import warmed_up
+
+    assert [warmed_up(0.8, s, 100.0) for s in (0.0, 25.0, 100.0, 1e6)] == [0.0, 0.2, 0.8, 0.8]
+    assert warmed_up(0.8, 0.0, 0.0) == 0.8  # no warm-up

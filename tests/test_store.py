@@ -103,7 +103,7 @@ def test_a_retried_sequence_number_is_applied_once():
 
 
 def snapshot_of(store: Store) -> list[np.ndarray]:
-    fields = ("counts", "mean", "var", "versions", "grad_counts", "grad_dy", "grad_dy_xhat")
+    fields = ("counts", "mean", "var", "versions", "seen", "grad_counts", "grad_dy", "grad_dy_xhat")
     return [getattr(job, f).copy() for job in store.jobs.values() for f in fields]
 
 
@@ -183,6 +183,15 @@ def test_gradient_history_ages_with_the_moments_and_is_replied_only_to_pushes_wi
     for field in ("dy", "dy_xhat"):
         want = sum(w * getattr(p.gradients, field) for w, p in zip(weights, sent) if p.gradients is not None)
         np.testing.assert_allclose(getattr(got, field), want / sum(weights), rtol=1e-10, atol=1e-12)
+
+
+def test_every_layer_counts_the_images_it_has_seen_undecayed():
+    layout = Layout(("a", "b"), (2, 3))
+    store = Store(0, 1, half_life=4.0)
+    for i in range(5):
+        reply = store.apply(push(layout, i, seq=i + 1, count=24.0, images=3.0))
+    assert list(reply.seen) == [15.0, 15.0] and list(store.jobs["job"].seen[:2]) == [15.0, 15.0]
+    assert reply.counts[0] < 24.0 * 5  # the history's own count decays; the clock does not
 
 
 def test_a_duplicate_push_with_gradients_changes_no_gradient_history():

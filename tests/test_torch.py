@@ -125,7 +125,7 @@ def test_gradient_statistics_reach_the_aggregator_and_its_history_is_what_the_wo
 def trained_layer(frontend: str, weight: float = 0.6, gradient: str = "exact") -> tuple[PSBatchNorm, WorkerLoop]:
     """A float64 layer whose loop has received history, then stopped: its history is fixed."""
     loop = WorkerLoop(frontend, job="grad", worker="w0", dtype="<f8").start()
-    layer = PSBatchNorm(3, history_weight=weight, gradient=gradient, name="bn", loop=loop).double()
+    layer = PSBatchNorm(3, history_weight=weight, gradient=gradient, name="bn", loop=loop, warmup_images=0).double()
     with torch.no_grad():
         layer.weight.uniform_(0.5, 1.5)
         layer.bias.uniform_(-0.5, 0.5)
@@ -150,6 +150,20 @@ def test_the_blended_forward_is_the_blend_of_history_and_batch(cluster):
     expected = (x.numpy() - want.mean.reshape(shape)) / np.sqrt(want.var.reshape(shape) + layer.eps)
     expected = expected * layer.weight.detach().numpy().reshape(shape) + layer.bias.detach().numpy().reshape(shape)
     np.testing.assert_allclose(y, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_the_history_weight_ramps_up_over_the_jobs_first_images(cluster):
+    """After 24 of 96 warm-up images the history may weigh a quarter of its weight."""
+    c = cluster(1)
+    layer, loop = trained_layer(c.endpoints.frontend)  # 4 batches of 6 images: 24 seen
+    assert loop.history("bn").seen == 24.0
+    layer.warmup_images = 96.0
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    want = blend(loop.history("bn").moments, Moments.of(x.numpy(), (0, 2, 3)), 0.6 * 24 / 96)
+    shape = (1, 3, 1, 1)
+    expected = (x.numpy() - want.mean.reshape(shape)) / np.sqrt(want.var.reshape(shape) + layer.eps)
+    expected = expected * layer.weight.detach().numpy().reshape(shape) + layer.bias.detach().numpy().reshape(shape)
+    np.testing.assert_allclose(layer(x).detach().numpy(), expected, rtol=1e-10, atol=1e-12)
 
 
 def test_gradcheck_of_the_blended_layer(cluster):
@@ -387,6 +401,8 @@ def test_a_bad_history_weight_is_refused():
         PSBatchNorm(3, history_weight=0.0, gradient_history_weight=0.5)
     with pytest.raises(ValueError, match="gradient must be one of cluster, renorm, exact"):
         PSBatchNorm(3, gradient="approximate")
+    with pytest.raises(ValueError, match="warmup_images must be a non-negative number"):
+        PSBatchNorm(3, warmup_images=-1)
     layer = PSBatchNorm(3, history_weight=0.7)
     assert (layer.gradient, layer.gradient_history_weight) == ("cluster", 0.7)  # the defaults follow the weight
     with pytest.raises(ValueError, match="max_staleness"):

@@ -8,11 +8,11 @@ On digits, the same model, schedule and seeds for every method, side by side in 
 * ``psq-renorm``: the same with the backward psq had before its gradient history (Batch
   Renormalization's, through the batch statistics alone);
 * variants for an ablation, ``psq:history_weight=0.8,gradient_history_weight=0.5,half_life=64``
-  (any of those three keys; ``gradient=...`` too).
+  (any of those keys, ``warmup_images=...`` and ``gradient=...`` too).
 
 Settings: (a) 2 workers x batch 1, iid; (b) 4 x 2, label-skewed shards; (c) 2 x 2, fully
-class-split shards; (d) 4 x 1, iid; (e) 2 x 1, iid, a small ResNet on the digits upsampled to
-32x32.  The learning rate follows the linear scaling rule (the trainer's default).  For each:
+class-split shards; (d) 4 x 1, iid; (e) 2 x 1, iid, and (f) 2 x 2, class-split, a small ResNet
+on the digits upsampled to 32x32.  The learning rate follows the linear scaling rule (the trainer's default).  For each:
 test accuracy mean ± std over the seeds and its difference to synchronized BN, the accuracy
 after recomputing BN statistics on the whole train set (training-side vs evaluation-side
 effects), the training time per run and over per-worker BN's, and a PNG of accuracy per epoch.
@@ -30,7 +30,7 @@ import numpy as np
 
 from psq.bench.services import cluster
 from psq.bench.timing import emit
-from psq.config import SettingsError, TrainSettings, positive_float, unit_interval
+from psq.config import SettingsError, TrainSettings, non_negative_float, positive_float, unit_interval
 from workers import train
 
 
@@ -52,6 +52,7 @@ SETTINGS = {
     "c": Setting(2, 2, "split"),
     "d": Setting(4, 1, "iid"),
     "e": Setting(2, 1, "iid", "resnet"),
+    "f": Setting(2, 2, "split", "resnet"),
 }
 DEFAULT_METHODS = ("local", "syncbn", "psq", "psq-renorm")
 
@@ -66,7 +67,12 @@ class Method:
     half_life: float | None = None
 
 
-_VARIANT_KEYS = {"history_weight": unit_interval, "gradient_history_weight": unit_interval, "half_life": positive_float}
+_VARIANT_KEYS = {
+    "history_weight": unit_interval,
+    "gradient_history_weight": unit_interval,
+    "warmup_images": non_negative_float,
+    "half_life": positive_float,
+}
 _GRADIENTS = ("cluster", "renorm", "exact")
 
 
@@ -121,7 +127,7 @@ def one_run(
 
 
 def run(
-    settings: tuple[str, ...] = ("a", "b", "c", "d", "e"),
+    settings: tuple[str, ...] = tuple(SETTINGS),
     seeds: tuple[int, ...] = (0, 1, 2),
     epochs: int = 5,
     methods: tuple[Method, ...] = tuple(method(m) for m in DEFAULT_METHODS),

@@ -137,7 +137,11 @@ def _model(settings: TrainSettings, job: str, rank: int) -> tuple[nn.Module, Wor
 
 def psq_options(settings: TrainSettings) -> dict[str, Any]:
     """PSBatchNorm's options the settings name; the rest keep the layer's defaults."""
-    given = {"history_weight": settings.history_weight, "gradient_history_weight": settings.gradient_history_weight}
+    given = {
+        "history_weight": settings.history_weight,
+        "gradient_history_weight": settings.gradient_history_weight,
+        "warmup_images": settings.warmup_images,
+    }
     return {"gradient": settings.gradient, **{k: v for k, v in given.items() if v is not None}}
 
 

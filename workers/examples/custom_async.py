@@ -25,7 +25,7 @@ from workers.examples.custom_sync import make_model
 async def batches(steps: int):  # an asynchronous data source, as a trainer might have
     for _ in range(steps):
         await asyncio.sleep(0)
-        x = torch.randn(2, 1, 6, 6)
+        x = torch.randn(8, 1, 6, 6)
         yield x, (x.mean((1, 2, 3)) > 0).long()
 
 

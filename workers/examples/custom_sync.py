@@ -35,7 +35,7 @@ def main(frontend: str, steps: int = 80) -> float:
         model = convert_batchnorm(make_model(), loop)  # 2. PSBatchNorm layers
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         for _ in range(steps):
-            x = torch.randn(2, 1, 6, 6)
+            x = torch.randn(8, 1, 6, 6)
             y = (x.mean((1, 2, 3)) > 0).long()  # a learnable toy task
             loss = nn.functional.cross_entropy(model(x), y)
             opt.zero_grad()
