@@ -23,10 +23,10 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from broker.store import HALF_LIFE_UNITS, JobState, Store
+from broker.store import JobState, Store
 from psq.layout import Layout, LayoutError
 from psq.protocol import ProtocolError, check_counts, check_gradients, check_stats
-from psq.stats import LayerGradients
+from psq.stats import HALF_LIFE_UNITS, LayerGradients
 
 log = logging.getLogger("psq.aggregator")
 

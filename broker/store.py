@@ -20,13 +20,20 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from psq.layout import Layout, shard_of
-from psq.protocol import ErrorCode, HistoryReply, ProtocolError, Push
-from psq.stats import LayerGradients, LayerMoments, Scratch, accumulate_into, accumulate_means_into, decay
+from psq.protocol import MAX_COUNT, ErrorCode, HistoryReply, ProtocolError, Push
+from psq.stats import (
+    HALF_LIFE_UNITS,
+    LayerGradients,
+    LayerMoments,
+    Scratch,
+    accumulate_into,
+    accumulate_means_into,
+    decay,
+)
 
 MAX_JOBS = 1024
 MAX_CHANNELS = 1 << 26  # per aggregator: 64 M channels, 1.5 GiB of float64 state
 MAX_SESSIONS = 100_000  # remembered (job, worker, session) sequence numbers, oldest dropped first
-HALF_LIFE_UNITS = ("images", "elements")
 
 
 @dataclass
@@ -125,6 +132,12 @@ class JobState:
                 self.grad_dy[p.channels], self.grad_dy_xhat[p.channels] = g.dy, g.dy_xhat
 
 
+def _saturate(counts: np.ndarray) -> None:
+    """Hold counts at the wire's limit: the history stays answerable (weights are ratios, so
+    nothing else changes) whatever the pushes added up to."""
+    np.minimum(counts, MAX_COUNT, out=counts)
+
+
 _PER_CHANNEL = ("mean", "var", "grad_dy", "grad_dy_xhat")
 _PER_LAYER = ("counts", "versions", "updated", "seen", "grad_counts")
 
@@ -220,16 +233,21 @@ class Store:
         same stream of images, seen by the backward."""
         job, widths, scratch = self.jobs[job_name], placement.layout.widths, placement.scratch
         kept = decay(images if self.unit == "images" else batch.counts, self.half_life)
-        h, g = job.history(placement), job.gradients(placement)
+        h = job.history(placement)
         accumulate_into(h, batch, widths, scratch, kept)
+        _saturate(h.counts)
+        g = None
         if gradients is not None:
+            g = job.gradients(placement)
             accumulate_means_into(g, gradients, widths, scratch, kept)
+            _saturate(g.counts)
         else:  # a forward without a backward: its images age the gradient history all the same
-            g.counts[...] *= kept
+            job.grad_counts[placement.layers] *= kept
         job.put(placement, h, g)
-        job.versions[placement.layers] += np.uint64(1)
-        job.seen[placement.layers] += images
-        job.updated[placement.layers] = time.monotonic()
+        layers = placement.layers
+        job.versions[layers] += np.uint64(1)
+        job.seen[layers] = np.minimum(job.seen[layers] + images, MAX_COUNT)
+        job.updated[layers] = time.monotonic()
         self.updates += 1
         self.dirty = True
 

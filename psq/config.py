@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from psq.protocol import DEFAULT_MAX_BYTES, MAX_SHARDS
+from psq.stats import GRADIENTS, HALF_LIFE_UNITS
 
 ENV_PREFIX = "PSQ_"
 DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
@@ -154,7 +155,7 @@ class AggregatorSettings:
     half_life_unit: str = setting(
         "images",
         "what --half-life counts: images (batch items), or elements (per-channel values, N*H*W; advanced)",
-        choice("images", "elements"),
+        choice(*HALF_LIFE_UNITS),
     )
     snapshot: Path | None = setting(None, "snapshot file: resumed from at start, written atomically", optional_path)
     snapshot_interval_s: float = setting(5.0, "seconds between snapshots (and one on SIGTERM)", positive_float)
@@ -218,7 +219,7 @@ class TrainSettings:
     gradient: str = setting(
         "cluster",
         "psq: the backward, cluster (with the cluster's gradient history), renorm or exact (for comparison)",
-        choice("cluster", "renorm", "exact"),
+        choice(*GRADIENTS),
     )
     sharding: str = setting(
         "iid", "how training images are dealt to workers: iid, skewed, split", choice("iid", "skewed", "split")

@@ -113,7 +113,7 @@ class Layout:
             i = self._index.get(name)
             if i is None:
                 continue
-            sl = slice(int(self.offsets[i]), int(self.offsets[i + 1]))
+            sl = self.slice(name)
             if np.size(g.dy) != self.channels[i] or np.size(g.dy_xhat) != self.channels[i]:
                 raise LayoutError(
                     f"gradients of layer {name!r} have {np.size(g.dy)} channels, the layout {self.channels[i]}"

@@ -43,7 +43,7 @@ import numpy as np
 from psq.client import PushResult, Rejected, StatsClient, Unavailable
 from psq.config import DEFAULT_FRONTEND
 from psq.security import ClientKeys
-from psq.stats import GradientMeans, Moments
+from psq.stats import GradientMeans, Moments, pool_gradients
 
 log = logging.getLogger("psq.loop")
 
@@ -135,6 +135,7 @@ class WorkerLoop:
             "answered": 0,
             "unavailable": 0,
             "rejected": 0,
+            "nonfinite_gradients": 0,
             "staleness_waits": 0,
             "staleness_timeouts": 0,
             "staleness_sum": 0,
@@ -263,7 +264,9 @@ class WorkerLoop:
 
     def submit_gradient(self, name: str, stats: GradientSubmission) -> None:
         """Add one layer's backward statistics to the current step; never waits.  A layer's
-        backward runs after its forward and before the step closes at its next forward."""
+        backward runs after its forward and before the step closes at its next forward; a
+        forward in between (activation checkpointing recomputes one) moves the gradients of the
+        step into the next one, which costs nothing but their step label."""
         self._check_process()
         with self._lock:
             self._gradients.setdefault(name, []).append(stats)
@@ -401,7 +404,7 @@ class WorkerLoop:
                 return
             stats = {name: Moments(s.count, s.mean, s.var) for name, s in entries.items()}
             images = {name: s.images for name, s in entries.items() if s.images is not None}
-            grads = {name: _pooled(gs) for name, gs in gradients.items()} if gradients else None
+            grads = self._finite(number, gradients) if gradients else None
             self._counters["pushes"] += 1
             assert self._client is not None
             try:
@@ -419,6 +422,19 @@ class WorkerLoop:
             with self._lock:
                 self._outstanding = max(0, self._outstanding - 1)
                 self._lock.notify_all()
+
+    def _finite(self, number: int, gradients: dict[str, list[GradientSubmission]]) -> dict[str, GradientMeans]:
+        """Each layer's backward statistics of the step, pooled; those with NaN or infinity left
+        out (a mixed-precision step whose loss scale overflowed: its moments still go)."""
+        out = {}
+        for name, parts in gradients.items():
+            pooled = pool_gradients([GradientMeans(p.count, p.dy, p.dy_xhat) for p in parts])
+            if np.isfinite(pooled.dy).all() and np.isfinite(pooled.dy_xhat).all():
+                out[name] = pooled
+            else:
+                self._counters["nonfinite_gradients"] += 1
+                log.debug("psq: step %d's gradient statistics of %s are not finite; not sent", number, name)
+        return out
 
     async def _exchange(self, name: str, number: int, stats: Submission) -> tuple[Moments, bool] | None:
         if not await self._landed([stats], number):
@@ -507,18 +523,6 @@ class WorkerLoop:
         # The child inherits copies of the parent's sockets and thread state: never touch them.
         self._loop = self._client = self._thread = None
         self._tasks = set()
-
-
-def _pooled(parts: list[GradientSubmission]) -> GradientMeans:
-    """One layer's backward statistics of a step; several backwards (retain_graph) pool exactly."""
-    first = parts[0]
-    if len(parts) == 1:
-        return GradientMeans(first.count, first.dy, first.dy_xhat)
-    counts = np.array([p.count for p in parts], dtype=np.float64)
-    weights = counts / max(float(counts.sum()), np.finfo(np.float64).tiny)
-    dy = sum(w * np.asarray(p.dy, np.float64) for w, p in zip(weights, parts))
-    dy_xhat = sum(w * np.asarray(p.dy_xhat, np.float64) for w, p in zip(weights, parts))
-    return GradientMeans(float(counts.sum()), dy, dy_xhat)
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

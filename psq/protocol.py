@@ -284,10 +284,13 @@ def check_counts(name: str, counts: np.ndarray) -> None:
 
 
 def check_images(images: np.ndarray, counts: np.ndarray) -> None:
-    """Images per layer: within range, and no more than the elements they gave (at least one each)."""
-    _check_range("images", images, 0.0, MAX_COUNT)  # NaN fails here, before the comparison below
+    """Images per layer: within range, no more than the elements they gave, and some wherever
+    there are elements (images are what ages a history: none would keep it from decaying)."""
+    _check_range("images", images, 0.0, MAX_COUNT)  # NaN fails here, before the comparisons below
     if np.any(images > counts):
         raise ProtocolError(ErrorCode.RANGE, "a layer cannot have more images than elements per channel")
+    if np.any((images <= 0) & (counts > 0)):
+        raise ProtocolError(ErrorCode.RANGE, "a layer with elements must have images (at least one image each)")
 
 
 def check_gradients(g: LayerGradients) -> None:

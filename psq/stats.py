@@ -28,6 +28,8 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 F64 = NDArray[np.float64]
+HALF_LIFE_UNITS = ("images", "elements")  # what ages a history: batch items, or per-channel values
+GRADIENTS = ("cluster", "renorm", "exact")  # how a layer's backward treats the statistics (psq.torch)
 # Floor for a divisor that is a count: 0/_TINY == 0, so empty sets contribute nothing
 # without a masked divide (which would allocate a mask per call).
 _TINY = np.finfo(np.float64).tiny
@@ -95,6 +97,17 @@ class GradientMeans:
     count: Any
     dy: Any
     dy_xhat: Any
+
+
+def pool_gradients(parts: list[GradientMeans]) -> GradientMeans:
+    """The exact pooled means of several sets of gradient means (weighted by their counts)."""
+    if len(parts) == 1:
+        return parts[0]
+    counts = np.array([float(p.count) for p in parts])
+    weights = counts / max(float(counts.sum()), _TINY)
+    dy = sum(w * np.asarray(p.dy, np.float64) for w, p in zip(weights, parts))
+    dy_xhat = sum(w * np.asarray(p.dy_xhat, np.float64) for w, p in zip(weights, parts))
+    return GradientMeans(float(counts.sum()), dy, dy_xhat)
 
 
 @dataclass(frozen=True)
@@ -168,15 +181,13 @@ def merge_into(acc: Moments, b: Moments, scratch: Scratch) -> None:
 
 def decay_into(history: Moments, arriving: Any, half_life: float, scratch: Scratch) -> None:
     """Age ``history`` in place by the arrival of ``arriving`` samples: counts × 2^(−S/h)."""
-    t = scratch.a
-    np.multiply(arriving, -1.0 / half_life, out=t)
-    np.exp2(t, out=t)
-    np.multiply(history.count, t, out=history.count)
+    np.multiply(history.count, decay(arriving, half_life, out=scratch.a), out=history.count)
 
 
-def decay(arriving: Any, half_life: float) -> Any:
+def decay(arriving: Any, half_life: float, out: np.ndarray | None = None) -> Any:
     """``2^(−S/h)``: how much a history's count keeps when ``S`` more samples arrive."""
-    return np.exp2(np.multiply(arriving, -1.0 / half_life))
+    t = np.multiply(arriving, -1.0 / half_life, out=out)
+    return np.exp2(t, out=t if out is not None else None)
 
 
 def accumulate_into(acc: LayerMoments, b: LayerMoments, widths: np.ndarray, scratch: Scratch, kept: Any = None) -> None:

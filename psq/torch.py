@@ -36,10 +36,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from psq.loop import GradientSubmission, LayerHistory, Submission, WorkerLoop
-from psq.stats import Moments, blend_weight, remove, unbiased_var, warmed_up
+from psq.stats import GRADIENTS, Moments, blend_weight, remove, unbiased_var, warmed_up
 
 _FLOAT_STATS = (torch.float32, torch.float64)
-GRADIENTS = ("cluster", "renorm", "exact")
 # Defaults chosen on digits settings (a) and (b), then checked on (c), (d) and a ResNet: docs/accuracy.md.
 DEFAULT_HISTORY_WEIGHT = 0.9
 DEFAULT_WARMUP_IMAGES = 1024.0
@@ -57,11 +56,12 @@ class PSBatchNorm(_BatchNorm):
     * ``gradient_history_weight`` in [0, 1): the same for the backward's statistics (default:
       ``history_weight``);
     * ``gradient``: how the input gradient treats the statistics.  ``"cluster"`` (default):
-      batch norm's gradient ``(ĝ − ḡ − x̂·ψ̄)/σ`` with the blended ``μ, σ`` of the forward and
-      the means ``ḡ`` of ``ĝ = γ·∂L/∂y`` and ``ψ̄`` of ``ĝ·x̂`` blended with the cluster's
-      history of them.  For comparison: ``"renorm"`` backpropagates through the batch
-      statistics alone, scaled by the blend's correction (Batch Renormalization), and
-      ``"exact"`` gives the exact derivative with the history constant;
+      batch norm's gradient ``γ·(∂L/∂y − ḡ − x̂·ψ̄)/σ`` with the blended ``μ, σ`` of the forward
+      and the means ``ḡ`` of ``∂L/∂y`` and ``ψ̄`` of ``∂L/∂y·x̂`` blended with the cluster's
+      history of them (γ factors out of batch norm's two means: psq keeps them without it).
+      For comparison: ``"renorm"`` backpropagates through the batch statistics alone, scaled
+      by the blend's correction (Batch Renormalization), and ``"exact"`` gives the exact
+      derivative with the history constant;
     * ``warmup_images``: both weights ramp up from 0 over the job's first this many images
       (counted by the aggregator, every worker's), while the weights move fastest (0: none);
     * ``max_staleness``: if set, a step whose history is older than that many steps waits
@@ -195,8 +195,7 @@ class PSBatchNorm(_BatchNorm):
     def _gradient_out(self, count: float, dy: torch.Tensor, dy_xhat: torch.Tensor) -> None:
         """Called from the backward with this batch's gradient means (γ-free)."""
         if self.loop is not None:
-            sub = _submission(count, dy, dy_xhat)
-            self.loop.submit_gradient(self.name, GradientSubmission(sub.count, sub.mean, sub.var, sub.ready))
+            self.loop.submit_gradient(self.name, GradientSubmission(count, *_to_host(dy, dy_xhat)))
 
     def _fresh_history(self, device: torch.device) -> _DeviceHistory | None:
         loop = self.loop
@@ -263,7 +262,7 @@ class PSBatchNorm(_BatchNorm):
         assert self.loop is not None
         with torch.no_grad():
             mean_b, _, var_b = batch_moments(x if x.dtype in _FLOAT_STATS else x.float())
-        answer = self.loop.exchange(self.name, _submission(count, mean_b, var_b))
+        answer = self.loop.exchange(self.name, _submission(count, mean_b, var_b, images=float(x.size(0))))
         own = Moments(count, mean_b.cpu().double().numpy(), var_b.cpu().double().numpy())
         # An incomplete answer (the step timed out, or this push came late) may not contain this
         # batch: removing it would extrapolate.  Batch statistics are the safe answer then.
@@ -442,17 +441,23 @@ def _cluster_coefficients(
 
 
 def _submission(count: float, mean: torch.Tensor, var: torch.Tensor, images: float | None = None) -> Submission:
-    """Per-channel statistics for the loop, without waiting for the device."""
-    mean, var = mean.detach(), var.detach()
-    if mean.device.type == "cpu":
-        # the statistics are fresh tensors that nothing writes again: share their memory.
-        return Submission(count, mean.numpy(), var.numpy(), images=images)
-    host = torch.empty((2, mean.numel()), dtype=mean.dtype, pin_memory=True)
-    host[0].copy_(mean, non_blocking=True)
-    host[1].copy_(var, non_blocking=True)
+    """A batch's moments for the loop, without waiting for the device."""
+    return Submission(count, *_to_host(mean, var), images)
+
+
+def _to_host(a: torch.Tensor, b: torch.Tensor) -> tuple[np.ndarray, np.ndarray, Callable[[], bool] | None]:
+    """Two per-channel statistics as numpy, and what says when they hold their values: on the
+    CPU their own memory (fresh tensors nothing writes again); on a GPU a pinned host copy
+    started without waiting, and its CUDA event."""
+    a, b = a.detach(), b.detach()
+    if a.device.type == "cpu":
+        return a.numpy(), b.numpy(), None
+    host = torch.empty((2, a.numel()), dtype=a.dtype, pin_memory=True)
+    host[0].copy_(a, non_blocking=True)
+    host[1].copy_(b, non_blocking=True)
     landed = torch.cuda.Event()
     landed.record()
-    return Submission(count, host[0].numpy(), host[1].numpy(), landed.query, images)
+    return host[0].numpy(), host[1].numpy(), landed.query
 
 
 def ddp_buffer_sync(enabled: bool) -> dict[str, bool]:

@@ -12,7 +12,7 @@ import pytest
 import zmq
 from conftest import wait_until
 
-from psq.loop import ForkedLoop, Submission, WorkerLoop
+from psq.loop import ForkedLoop, GradientSubmission, Submission, WorkerLoop
 from psq.stats import History, Moments
 
 
@@ -198,3 +198,19 @@ def test_a_loop_that_cannot_start_says_why(ipc_dir):
 def test_an_unknown_wire_dtype_is_refused():
     with pytest.raises(ValueError, match="dtype must be"):
         WorkerLoop(job="j", worker="w", dtype="<f2")
+
+
+def test_gradient_statistics_that_are_not_finite_are_left_out_and_the_step_still_goes(cluster):
+    """A mixed-precision step whose loss scale overflowed: its gradient means are infinite."""
+    c = cluster(1)
+    with WorkerLoop(c.endpoints.frontend, job="job", worker="w0") as loop:
+        loop.submit("a", submission(1))
+        loop.submit_gradient("a", GradientSubmission(8.0, np.array([np.inf, 0, 0, 0]), np.zeros(4)))
+        loop.submit("b", submission(2))
+        loop.submit_gradient("b", GradientSubmission(8.0, np.ones(4), np.full(4, 0.5)))
+        assert loop.flush(10)
+        summary = loop.summary()
+        assert summary["rejected"] == 0 and summary["nonfinite_gradients"] == 1
+        a = loop.history("a")
+        assert a.version == 1 and a.gradient.count == 0  # its moments went, its gradients did not
+        np.testing.assert_allclose(loop.history("b").gradient.dy, np.ones(4), rtol=1e-6)

@@ -270,6 +270,13 @@ def test_images_out_of_range_are_refused(value, code):
     refused(code, push_frames(images=images))
 
 
+def test_elements_without_images_are_refused():
+    """Images age the history: elements from no image would be kept for ever."""
+    images = make_push().images.copy()
+    images[1] = 0.0
+    assert "must have images" in str(refused(ErrorCode.RANGE, push_frames(images=images)))
+
+
 def test_more_images_than_elements_are_refused():
     push = make_push()
     assert "more images than elements" in str(refused(ErrorCode.RANGE, push_frames(images=push.counts + 1)))

@@ -194,6 +194,32 @@ def test_every_layer_counts_the_images_it_has_seen_undecayed():
     assert reply.counts[0] < 24.0 * 5  # the history's own count decays; the clock does not
 
 
+def test_counts_saturate_at_the_wire_limit_so_the_history_stays_answerable(tmp_path):
+    """Pushes that add up past what a reply may carry (a peer at the limits, or a long job)
+    leave every count at the limit: replies still parse, the snapshot still loads."""
+    from broker import snapshot
+    from psq import protocol
+
+    layout = Layout(("a",), (2,))
+    store = Store(0, 1, half_life=1e12)
+    for seq in range(1, 4):
+        reply = store.apply(push(layout, seq, seq=seq, count=protocol.MAX_COUNT, images=1.0, gradients=True))
+    assert reply.counts[0] == protocol.MAX_COUNT and reply.gradients.counts[0] == protocol.MAX_COUNT
+    for seq in range(4, 7):  # the clock too
+        store.apply(push(layout, seq, seq=seq, count=protocol.MAX_COUNT, images=protocol.MAX_COUNT))
+    frames = [
+        bytes(memoryview(f))
+        for f in protocol.encode_history(
+            store.reply("job", store.jobs["job"].placements[layout.id], 1, 1, "<f8", gradients=True), 0
+        )
+    ]
+    back = protocol.parse_history(protocol.decode(frames), layout)
+    assert back.seen[0] == protocol.MAX_COUNT
+    path = tmp_path / "s.snap"
+    snapshot.save(store, path)
+    assert snapshot.load(path, 0, 1, 1e12).jobs["job"].counts[0] == protocol.MAX_COUNT
+
+
 def test_a_duplicate_push_with_gradients_changes_no_gradient_history():
     layout = Layout(("a",), (3,))
     store = Store(0, 1, HALF_LIFE)

@@ -432,6 +432,7 @@ def test_sync_mode_falls_back_to_batch_statistics_when_the_step_is_incomplete(cl
         layer = PSBatchNorm(3, name="bn", loop=loop).double()
         x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
         y = layer(x)  # the other worker never comes: the step times out incomplete
+        assert loop.history("bn").seen == 4.0  # sync mode counts images too: the 4 of this batch
     torch.testing.assert_close(y, nn.functional.batch_norm(x, None, None, layer.weight, layer.bias, True))
 
 

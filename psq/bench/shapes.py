@@ -63,9 +63,8 @@ def client_step(layout: Layout, gradients: bool) -> dict[str, Any]:
     }
     if gradients:
         g = random_gradients(layout)
-        o = layout.offsets
         out["gradients"] = {
-            n: GradientMeans(float(g.counts[i]), g.dy[o[i] : o[i + 1]], g.dy_xhat[o[i] : o[i + 1]])
+            n: GradientMeans(float(g.counts[i]), g.dy[layout.slice(n)], g.dy_xhat[layout.slice(n)])
             for i, n in enumerate(layout.names)
         }
     return out
