@@ -73,6 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="one-way delays to run across, e.g. 0,0.5,2 (needs root: network namespaces)",
     )
     step.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    layer = benches.add_parser("layer", help="forward + backward of one PSBatchNorm against nn.BatchNorm2d")
+    layer.add_argument(
+        "--shapes", choices=("small", "resnet50", "all"), default="all", help="which shapes (default all)"
+    )
+    layer.add_argument("--rounds", type=_checked(config.positive_int), default=7, help="timed rounds (default 7)")
+    layer.add_argument(
+        "--min-round-s",
+        type=_checked(config.positive_float),
+        default=0.05,
+        help="least seconds per variant per round (default 0.05)",
+    )
+    layer.add_argument("--compile", action="store_true", help="also bn and psq under torch.compile (inductor)")
+    layer.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     load = benches.add_parser("load", help="many simulated workers through 1, 2 and 4 shards")
     load.add_argument(
         "--step-ms", type=_checked(config.positive_int), default=250, help="simulated step time (default 250)"
@@ -165,6 +178,10 @@ def _bench(args: argparse.Namespace) -> None:
         from psq.bench import load
 
         load.run(tuple(int(c) for c in args.shards), args.step_ms / 1000, args.seconds, args.max_workers, args.json)
+    elif args.bench == "layer":
+        from psq.bench import layer
+
+        layer.run(args.shapes, args.rounds, args.min_round_s, args.compile, args.json)
     elif args.bench == "step":
         from workers import step_bench
 

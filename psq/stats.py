@@ -266,6 +266,8 @@ def blend_weight(n_history: Any, n_batch: Any, weight: float) -> Any:
     a fraction ``w`` of the result; ``a = c/(c + nB)``, and 0 when there is no history.
     """
     c = history_cap(n_history, n_batch, weight)
+    if isinstance(c, float) and isinstance(n_batch, float):  # a layer's step: no numpy per call
+        return c / max(c + n_batch, _TINY)
     return c / np.maximum(c + n_batch, _TINY)
 
 
@@ -280,6 +282,8 @@ def history_cap(n_history: Any, n_batch: Any, weight: float) -> Any:
     """``c = min(nH, nB·w/(1−w))``: the part of the history's count a blend uses."""
     if not 0.0 <= weight < 1.0:
         raise ValueError(f"history weight must be in [0, 1), got {weight!r}")
+    if isinstance(n_history, float) and isinstance(n_batch, float):
+        return min(n_history, n_batch * (weight / (1.0 - weight)))
     return np.minimum(n_history, np.multiply(n_batch, weight / (1.0 - weight)))
 
 

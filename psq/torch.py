@@ -23,10 +23,8 @@ loads into a plain ``nn.BatchNorm*d``.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -35,13 +33,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from psq import ops
+from psq.kernels import FLOAT_STATS, Blend, BlendedNorm, batch_stats
 from psq.loop import GradientSubmission, LayerHistory, Submission, WorkerLoop
 from psq.stats import GRADIENTS, Moments, blend_weight, remove, unbiased_var, warmed_up
 
-_FLOAT_STATS = (torch.float32, torch.float64)
 # Defaults chosen on digits settings (a) and (b), then checked on (c), (d) and a ResNet: docs/accuracy.md.
 DEFAULT_HISTORY_WEIGHT = 0.9
 DEFAULT_WARMUP_IMAGES = 1024.0
+Apply = Callable[[torch.Tensor, "Blend"], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 _BY_DIMS = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
 
 
@@ -114,6 +114,7 @@ class PSBatchNorm(_BatchNorm):
         self.origin: type[nn.Module] | None = None  # the class convert_batchnorm replaced
         self._input_dims: int | None = None
         self._history: _DeviceHistory | None = None
+        self._op = ops.register(self)  # how torch.compile's operators find this layer
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2:
@@ -130,6 +131,10 @@ class PSBatchNorm(_BatchNorm):
         # A copy of the model (deepcopy, pickle) carries no threads or sockets.
         state = super().__getstate__()
         return {**state, "loop": None, "_history": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._op = ops.register(self)  # a copy is another layer to the operators
 
     def train(self, mode: bool = True) -> PSBatchNorm:
         if not mode:  # evaluation uses the freshest cluster statistics, whatever DDP broadcast
@@ -160,37 +165,49 @@ class PSBatchNorm(_BatchNorm):
             return F.batch_norm(
                 x, self.running_mean, self.running_var, self.weight, self.bias, True, momentum, self.eps
             )
+        if torch.compiler.is_compiling():  # the loop's work runs inside one opaque operator
+            return ops.train_forward(x, self.weight, self.bias, self._op)[0]
+        return self.train_step(x, self._eager)
+
+    def train_step(self, x: torch.Tensor, apply: Apply) -> torch.Tensor:
+        """A training forward with the loop: find what to blend with, normalize with ``apply``,
+        hand the batch's statistics to the loop (the backward's from the backward)."""
+        assert self.loop is not None
         count = float(x.numel() // x.size(1))
         if self.loop.mode == "sync":
-            return self._sync_forward(x, count)
+            return self._sync_forward(x, count, apply)
         self.loop.enter(self.name)
         h = self._fresh_history(x.device)
-        if h is None:
-            return self._blend(x, _Blend(), count, no_history=True)
-        gradient = h.dy is not None and self.gradient == "cluster"
-        weight = warmed_up(self.history_weight, h.seen, self.warmup_images)
-        gradient_weight = warmed_up(self.gradient_history_weight, h.seen, self.warmup_images)
-        blend = _Blend(
-            float(blend_weight(h.count, count, weight)),
-            h.mean,
-            h.var,
-            float(blend_weight(h.gradient_count, count, gradient_weight)) if gradient else 0.0,
-            h.dy,
-            h.dy_xhat,
-        )
-        return self._blend(x, blend, count)
-
-    def _blend(self, x: torch.Tensor, blend: _Blend, count: float, no_history: bool = False) -> torch.Tensor:
-        """Normalize with ``blend`` and hand the batch's statistics to the loop (the backward's
-        from the backward)."""
-        assert self.loop is not None
-        sink = self._gradient_out if self.gradient == "cluster" and self.loop.mode == "async" else None
-        y, mean_b, var_b = _BlendedNorm.apply(x, self.weight, self.bias, blend, self.eps, self.gradient, sink)
-        if self.loop.mode == "async":
-            self.loop.submit(self.name, _submission(count, mean_b, var_b, images=float(x.size(0))))
-        if no_history:  # no cluster statistics: keep running ones as nn.BatchNorm does
+        blend = Blend() if h is None else self._blend_with(h, count)
+        y, mean_b, var_b = apply(x, blend)
+        self.loop.submit(self.name, _submission(count, mean_b, var_b, images=float(x.size(0))))
+        if h is None:  # no cluster statistics: keep running ones as nn.BatchNorm does
             self._momentum_update(mean_b, var_b, count)
         return y
+
+    def _eager(self, x: torch.Tensor, blend: Blend) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return BlendedNorm.apply(x, self.weight, self.bias, blend, self.eps, self.gradient, self.gradient_sink())
+
+    def _blend_with(self, h: _DeviceHistory, count: float) -> Blend:
+        """The shares of a history, capped by the (warmed-up) history weights."""
+        weight = warmed_up(self.history_weight, h.seen, self.warmup_images)
+        share = float(blend_weight(h.count, count, weight))
+        if not (h.gradient_count > 0 and self.gradient == "cluster"):
+            return Blend(share, h.mean, h.var)
+        gradient_weight = warmed_up(self.gradient_history_weight, h.seen, self.warmup_images)
+        gradient_share = float(blend_weight(h.gradient_count, count, gradient_weight))
+        return Blend(share, h.mean, h.var, gradient_share, h.dy, h.dy_xhat)
+
+    @property
+    def device_history(self) -> _DeviceHistory | None:
+        """The history the layer last blended with, on its device."""
+        return self._history
+
+    def gradient_sink(self) -> Callable[[float, torch.Tensor, torch.Tensor], None] | None:
+        """Where the backward hands this batch's gradient means: the loop, for the cluster gradient."""
+        if self.gradient == "cluster" and self.loop is not None and self.loop.mode == "async":
+            return self._gradient_out
+        return None
 
     def _gradient_out(self, count: float, dy: torch.Tensor, dy_xhat: torch.Tensor) -> None:
         """Called from the backward with this batch's gradient means (γ-free)."""
@@ -205,33 +222,21 @@ class PSBatchNorm(_BatchNorm):
         if self.max_staleness is not None and (h is None or step - h.step > self.max_staleness):
             loop.wait_fresh(self.name, step - self.max_staleness)
             h = loop.history(self.name)
-        if h is None:
+        if h is None or h.moments.mean.size != self.num_features:  # none yet, or another layer's
             return None
         loop.note_staleness(step - h.step)
         return self._load(h, device)
 
     def _load(self, h: LayerHistory, device: torch.device) -> _DeviceHistory:
-        """Move a new history to the device (once per version) for blending."""
+        """The layer's device copy of ``h``, refreshed in place when its version is new."""
         held = self._history
-        if held is not None and held.version == h.version and held.mean.device == device:
-            return held
-        dtype = self.running_mean.dtype if self.running_mean is not None else torch.float32
-
-        def put(a: Any) -> torch.Tensor:
-            return torch.tensor(np.asarray(a), dtype=dtype).to(device, non_blocking=True)
-
-        g = h.gradient
-        self._history = _DeviceHistory(
-            h.version,
-            h.seen,
-            float(h.moments.count),
-            put(h.moments.mean),
-            put(h.moments.var),
-            float(g.count) if g is not None else 0.0,
-            put(g.dy) if g is not None else None,
-            put(g.dy_xhat) if g is not None else None,
-        )
-        return self._history
+        if held is None or held.rows.device != device:
+            dtype = self.running_mean.dtype if self.running_mean is not None else torch.float32
+            dtype = dtype if dtype in FLOAT_STATS else torch.float32
+            held = self._history = _DeviceHistory(self.num_features, dtype, device)
+        if held.version != h.version:
+            held.load(h)
+        return held
 
     def _fill_buffers(self) -> None:
         """Write the latest cluster history into the running buffers (variance unbiased).
@@ -253,7 +258,7 @@ class PSBatchNorm(_BatchNorm):
         self._fill_buffers()
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
-    def _sync_forward(self, x: torch.Tensor, count: float) -> torch.Tensor:
+    def _sync_forward(self, x: torch.Tensor, count: float, apply: Apply) -> torch.Tensor:
         """Normalize with the step's pooled statistics: every worker's batch, SyncBatchNorm's forward.
 
         The others' moments (the pooled set without this batch) are a constant; gradients flow
@@ -261,21 +266,22 @@ class PSBatchNorm(_BatchNorm):
         """
         assert self.loop is not None
         with torch.no_grad():
-            mean_b, _, var_b = batch_moments(x if x.dtype in _FLOAT_STATS else x.float())
+            mean_b, var_b = batch_stats(x if x.dtype in FLOAT_STATS else x.float())
         answer = self.loop.exchange(self.name, _submission(count, mean_b, var_b, images=float(x.size(0))))
         own = Moments(count, mean_b.cpu().double().numpy(), var_b.cpu().double().numpy())
         # An incomplete answer (the step timed out, or this push came late) may not contain this
         # batch: removing it would extrapolate.  Batch statistics are the safe answer then.
         if answer is None or not answer[1] or float(answer[0].count) <= count:
-            return self._blend(x, _Blend(), count, no_history=True)
+            y, mean_b, var_b = apply(x, Blend())
+            self._momentum_update(mean_b, var_b, count)
+            return y
         pooled = Moments(
             float(answer[0].count), np.asarray(answer[0].mean, np.float64), np.asarray(answer[0].var, np.float64)
         )
         others = remove(pooled, own)
         share = float(others.count) / float(pooled.count)
         to = dict(dtype=mean_b.dtype, device=mean_b.device)
-        blend = _Blend(share, torch.tensor(others.mean, **to), torch.tensor(others.var, **to))
-        y = self._blend(x, blend, count)
+        y, _, _ = apply(x, Blend(share, torch.tensor(others.mean, **to), torch.tensor(others.var, **to)))
         self._momentum_update(torch.tensor(pooled.mean, **to), torch.tensor(pooled.var, **to), float(pooled.count))
         return y
 
@@ -290,154 +296,34 @@ class PSBatchNorm(_BatchNorm):
             self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
 
 
-@dataclass(frozen=True)
 class _DeviceHistory:
-    """A layer's history on its device: moments, and gradient means once they exist."""
+    """A layer's history on its device, in tensors allocated once and overwritten in place by
+    each new version (once per version, not per step): moments, then gradient means once the
+    aggregator has them.  On a GPU the host side is a pinned buffer copied without waiting."""
 
-    version: int
-    seen: float  # images the job has sent through the layer
-    count: float
-    mean: torch.Tensor
-    var: torch.Tensor  # biased
-    gradient_count: float = 0.0
-    dy: torch.Tensor | None = None
-    dy_xhat: torch.Tensor | None = None
+    def __init__(self, channels: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.rows = torch.zeros((4, channels), dtype=dtype, device=device)
+        self.mean, self.var, self.dy, self.dy_xhat = self.rows.unbind(0)  # var biased
+        self._host = self.rows if device.type == "cpu" else torch.empty_like(self.rows, device="cpu").pin_memory()
+        self._copied: torch.cuda.Event | None = None
+        self.version, self.seen, self.count, self.gradient_count = -1, 0.0, 0.0, 0.0
 
-
-@dataclass(frozen=True)
-class _Blend:
-    """What a step blends with: the history's share of the moments (``share``, with the
-    history's ``mean``/``var``) and of the gradient means (``gradient_share``, with ``dy``/``dy_xhat``).
-    The default is no history: plain batch norm."""
-
-    share: float = 0.0
-    mean: torch.Tensor | None = None
-    var: torch.Tensor | None = None
-    gradient_share: float = 0.0
-    dy: torch.Tensor | None = None
-    dy_xhat: torch.Tensor | None = None
-
-
-def batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-channel mean, the centred input ``x − mean`` and the biased variance of an
-    ``(N, C, ...)`` tensor in float32 or float64.
-
-    Two passes (the mean, then the squares of the centred values): as stable as
-    ``torch.var_mean`` and several times faster on CPU, where reducing over all dimensions but
-    the second is slow.
-    """
-    dims = [0, *range(2, x.dim())]
-    mean = x.mean(dims)
-    centred = x - mean.view(_channel_shape(x))
-    return mean, centred, (centred * centred).mean(dims)
-
-
-def _channel_shape(x: torch.Tensor) -> list[int]:
-    return [1, -1] + [1] * (x.dim() - 2)
-
-
-class _BlendedNorm(torch.autograd.Function):
-    """Batch norm with the statistics ``mix(share, history, batch)``; the history is a constant.
-
-    Forward, with ``d = x − mB`` and ``δ = mB − mH``: the blended mean is ``μ = mB − share·δ``,
-    the variance ``lerp(vB, vH, share) + share(1−share)·δ²``, and ``y = k·d + share·δ·k + β``
-    with ``k = γ·r``, ``r = (σ² + eps)^−½``: one pass for the mean, one for the variance, one for
-    the output.  With ``x − μ = d + share·δ``, ``x̂ = r·(x − μ)``, ``S = Σg·(x − μ)`` and ``n``
-    elements per channel, three backwards, all batch norm's gradient when both shares are 0:
-
-    * cluster: the batch's gradient means ``gB = Σg/n`` and ``ψB = r·S/n`` (γ-free, handed to
-      ``sink``) blended with the history's, ``ḡ = lerp(gB, gH, gshare)`` and likewise ``ψ̄``:
-      ``dL/dx = k·(g − ḡ − x̂·ψ̄) = k·g − k·r·ψ̄·d − k·(ḡ + r·ψ̄·share·δ)``;
-    * exact (the derivative with the history constant): with ``t = r²·S`` and
-      ``u = (1 − share)·k/n``, ``dL/dx = k·g − u·t·d − u·(Σg + share·δ·t)``;
-    * renorm (Batch Renormalization): batch norm's gradient through the batch statistics with
-      the blend's correction ``σB/σ`` a constant, ``dL/dx = k·(g − Σg/n − d·Σg·d/(n·(vB + eps)))``.
-
-    Also returns the batch's mean and biased variance (not differentiable).  Few, fused
-    operations: on small layers the cost per operation dominates.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        x: torch.Tensor,
-        weight: torch.Tensor | None,
-        bias: torch.Tensor | None,
-        blend: _Blend,
-        eps: float,
-        gradient: str,
-        sink: Callable[[float, torch.Tensor, torch.Tensor], None] | None,
-    ) -> tuple[torch.Tensor, ...]:
-        low = x.dtype not in _FLOAT_STATS
-        share = blend.share
-        with torch.autocast(x.device.type, enabled=False) if low else contextlib.nullcontext():
-            xs = x.float() if low else x
-            shape = _channel_shape(xs)
-            mean_b, d, var_b = batch_moments(xs)
-            if share:
-                delta = mean_b - blend.mean
-                var = torch.lerp(var_b, blend.var, share).addcmul_(delta, delta, value=share * (1 - share))
-            else:
-                delta, var = None, var_b
-            r = (var + eps).rsqrt_()
-            k = r * weight if weight is not None else r
-            shift = bias if bias is not None else torch.zeros_like(k)
-            if share:
-                shift = torch.addcmul(shift, delta, k, value=share)
-            y = torch.addcmul(shift.view(shape), d, k.view(shape))
-        rb2 = (var_b + eps).reciprocal_() if gradient == "renorm" and share else None
-        ctx.save_for_backward(d, r, k, delta, rb2)
-        ctx.share, ctx.n, ctx.x_dtype, ctx.gradient, ctx.sink = share, d.numel() // d.size(1), x.dtype, gradient, sink
-        ctx.blend = blend
-        ctx.param_dtype = weight.dtype if weight is not None else x.dtype
-        ctx.mark_non_differentiable(mean_b, var_b)
-        return (y.to(x.dtype) if low else y), mean_b, var_b
-
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
-        d, r, k, delta, rb2 = ctx.saved_tensors
-        share, n = ctx.share, ctx.n
-        shape, dims = _channel_shape(d), [0, *range(2, d.dim())]
-        g = g.to(d.dtype)
-        sum_g = g.sum(dims)
-        s_d = (g * d).sum(dims)  # Σg·(x − mB)
-        s = torch.addcmul(s_d, delta, sum_g, value=share) if share else s_d  # S = Σg·(x − μ)
-        if ctx.gradient == "cluster":
-            coef_d, const = _cluster_coefficients(ctx, r, k, delta, sum_g, s)
-        elif rb2 is not None:
-            # Batch Renormalization: batch norm's gradient through the batch statistics, scaled by
-            # the blend's correction σB/σ, which is a constant
-            coef_d, const = -k * rb2 * (s_d / n), -k * sum_g / n
-        else:
-            t = r * r * s
-            u = k * ((1 - share) / n)
-            coef_d = -u * t
-            const = -u * (torch.addcmul(sum_g, delta, t, value=share) if share else sum_g)
-        grad_x = torch.addcmul(const.view(shape), g, k.view(shape))
-        grad_x.addcmul_(d, coef_d.view(shape))
-        grad_w = (r * s).to(ctx.param_dtype) if ctx.needs_input_grad[1] else None
-        grad_b = sum_g.to(ctx.param_dtype) if ctx.needs_input_grad[2] else None
-        return grad_x.to(ctx.x_dtype), grad_w, grad_b, None, None, None, None
-
-
-def _cluster_coefficients(
-    ctx: Any, r: torch.Tensor, k: torch.Tensor, delta: torch.Tensor | None, sum_g: torch.Tensor, s: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per channel, the cluster gradient as ``coef_d·d + const`` beside ``k·g``; hands the
-    batch's gradient means to the layer's sink on the way."""
-    blend: _Blend = ctx.blend
-    dy, dy_xhat = sum_g / ctx.n, r * s / ctx.n  # this batch's means of g and g·x̂ (γ-free)
-    if ctx.sink is not None:
-        ctx.sink(float(ctx.n), dy, dy_xhat)
-    gshare = blend.gradient_share
-    if gshare:
-        dy = torch.lerp(dy, blend.dy, gshare)
-        dy_xhat = torch.lerp(dy_xhat, blend.dy_xhat, gshare)
-    krp = k * r * dy_xhat
-    const = k * dy
-    if ctx.share:
-        const = torch.addcmul(const, krp, delta, value=ctx.share)
-    return -krp, -const
+    def load(self, h: LayerHistory) -> None:
+        if self._copied is not None:
+            self._copied.synchronize()  # the last copy out of the pinned buffer is done: reuse it
+        host = self._host.numpy()
+        np.copyto(host[0], h.moments.mean, casting="same_kind")
+        np.copyto(host[1], h.moments.var, casting="same_kind")
+        g = h.gradient
+        if g is not None:
+            np.copyto(host[2], g.dy, casting="same_kind")
+            np.copyto(host[3], g.dy_xhat, casting="same_kind")
+        if self._host is not self.rows:
+            self.rows.copy_(self._host, non_blocking=True)
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+        self.version, self.seen, self.count = h.version, h.seen, float(h.moments.count)
+        self.gradient_count = float(g.count) if g is not None else 0.0
 
 
 def _submission(count: float, mean: torch.Tensor, var: torch.Tensor, images: float | None = None) -> Submission:

@@ -47,3 +47,13 @@ def test_bench_transport_prints_psq_beside_its_floor():
     messages = ("resnet50 (53 layers, 26,560 ch)", "resnet50 + gradient means", "small (1 layer, 64 ch)")
     assert paths == [(m, p) for m in messages for p in ("floor: zmq.proxy + echo", "psq, 1 shard", "psq, 2 shards")]
     assert all(row[2] > 0 and row[5] > 0 for row in rows)
+
+
+def test_bench_layer_times_every_variant_beside_batchnorm():
+    out = run_psq("bench", "layer", "--shapes", "small", "--rounds", "1", "--min-round-s", "0.001", "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["columns"][2:5] == ["bn µs", "psq µs", "psq w=0 µs"]
+    shapes = ["1x16x8x8", "8x16x32x32", "8x64x8x8", "32x64x16x16"]
+    assert [row[:2] for row in result["rows"]] == [[s, f] for s in shapes for f in ("contiguous", "channels_last")]
+    assert all(row[2] > 0 and row[3] > 0 and row[5] == row[3] / row[2] for row in result["rows"])

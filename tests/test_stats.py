@@ -159,6 +159,13 @@ def test_blend_equals_its_formula(pair, weight, history_scale):
     np.testing.assert_allclose(got.count, c + n_b)
 
 
+@given(st.floats(0.0, 1e6), st.floats(1.0, 1e4), st.floats(0.0, 0.99))
+def test_blend_weight_of_a_layers_floats_equals_the_array_form(n_history, n_batch, weight):
+    scalar = blend_weight(n_history, n_batch, weight)
+    assert isinstance(scalar, float)
+    assert scalar == float(blend_weight(np.array([n_history]), np.array([n_batch]), weight)[0])
+
+
 def test_blend_equals_merge_of_capped_history_and_batch():
     rng = np.random.default_rng(3)
     hist, batch = Moments.of(rng.normal(size=(50, 4)), 0), Moments.of(rng.normal(1, 2, size=(6, 4)), 0)

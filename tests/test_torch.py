@@ -197,7 +197,7 @@ def cluster_reference(x, weight, bias, blend, eps, g):
 
 
 def blend_of(share: float, gradient_share: float, channels: int = 3, seed: int = 0, zero_gradients: bool = False):
-    from psq.torch import _Blend
+    from psq.kernels import Blend
 
     gen = torch.Generator().manual_seed(seed)
 
@@ -205,12 +205,12 @@ def blend_of(share: float, gradient_share: float, channels: int = 3, seed: int =
         return torch.rand(channels, dtype=torch.float64, generator=gen) * scale + offset
 
     dy, dy_xhat = (torch.zeros(channels, dtype=torch.float64),) * 2 if zero_gradients else (t(0.2, -0.1), t(0.2, -0.1))
-    return _Blend(share, t(2, -1), t(1, 0.5), gradient_share, dy, dy_xhat)
+    return Blend(share, t(2, -1), t(1, 0.5), gradient_share, dy, dy_xhat)
 
 
 @pytest.mark.parametrize(("share", "gradient_share"), [(0.0, 0.0), (0.6, 0.0), (0.0, 0.7), (0.6, 0.9), (0.3, 0.3)])
 def test_the_cluster_gradient_equals_an_independent_autograd_surrogate(share, gradient_share):
-    from psq.torch import _BlendedNorm
+    from psq.kernels import BlendedNorm
 
     gen = torch.Generator().manual_seed(2)
     x = (torch.randn(3, 3, 4, 4, dtype=torch.float64, generator=gen) * 2 + 1).requires_grad_()
@@ -219,7 +219,7 @@ def test_the_cluster_gradient_equals_an_independent_autograd_surrogate(share, gr
     g = torch.randn(3, 3, 4, 4, dtype=torch.float64, generator=gen)
     blend = blend_of(share, gradient_share)
     sent = []
-    y, _, _ = _BlendedNorm.apply(x, w, b, blend, 1e-5, "cluster", lambda n, dy, dyx: sent.append((n, dy, dyx)))
+    y, _, _ = BlendedNorm.apply(x, w, b, blend, 1e-5, "cluster", lambda n, dy, dyx: sent.append((n, dy, dyx)))
     got = torch.autograd.grad(y, (x, w, b), g)
     want_y, want = cluster_reference(x, w, b, blend, 1e-5, g)
     torch.testing.assert_close(y, want_y, rtol=0, atol=1e-10)
@@ -238,7 +238,7 @@ def test_gradcheck_of_the_cluster_gradient_where_it_is_a_derivative():
     cluster gradient is the exact derivative of the blended forward.  Otherwise it is not any
     function's derivative: the history's gradient means add a term independent of ∂L/∂y, as the
     other workers' terms do in synchronized batch norm (checked against the surrogate above)."""
-    from psq.torch import _BlendedNorm
+    from psq.kernels import BlendedNorm
 
     blend = blend_of(0.4, 0.4, zero_gradients=True)
     x = torch.randn(3, 3, 2, 2, dtype=torch.float64, requires_grad=True)
@@ -246,13 +246,13 @@ def test_gradcheck_of_the_cluster_gradient_where_it_is_a_derivative():
     b = torch.randn(3, dtype=torch.float64, requires_grad=True)
 
     def f(x, w, b):
-        return _BlendedNorm.apply(x, w, b, blend, 1e-5, "cluster", None)[0]
+        return BlendedNorm.apply(x, w, b, blend, 1e-5, "cluster", None)[0]
 
     assert torch.autograd.gradcheck(f, (x, w, b), eps=1e-6, atol=1e-6)
     lopsided = blend_of(0.4, 0.8, zero_gradients=True)  # a different gradient share: not the derivative
     with pytest.raises(GradcheckError):
         torch.autograd.gradcheck(
-            lambda x: _BlendedNorm.apply(x, w, b, lopsided, 1e-5, "cluster", None)[0], (x,), eps=1e-6, atol=1e-6
+            lambda x: BlendedNorm.apply(x, w, b, lopsided, 1e-5, "cluster", None)[0], (x,), eps=1e-6, atol=1e-6
         )
 
 

@@ -1,0 +1,227 @@
+"""PSBatchNorm's training step on torch's native fused batch-norm kernels.
+
+The forward is three kernels: ``torch.batch_norm_update_stats`` for the batch's mean and
+**biased** variance (one pass, no output), four per-channel operations for the blend with the
+history (:func:`blended_moments`, the formula of :func:`psq.stats.mix`), and ``torch.batch_norm``
+in inference mode with the blended statistics (one fused pass for the output).  The backward is
+torch's native batch-norm backward, with the blend's per-channel factors folded into its
+arguments where they fit (see :class:`BlendedNorm`).  Nothing here knows about the loop: the
+module (:mod:`psq.torch`) decides what to blend with, and where the batch's statistics go.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+FLOAT_STATS = (torch.float32, torch.float64)
+_native_backward = torch.ops.aten.native_batch_norm_backward
+
+
+@dataclass(frozen=True)
+class Blend:
+    """What a step blends with: the history's share of the moments (``share``, with the
+    history's ``mean``/``var``, biased) and of the backward's gradient means
+    (``gradient_share``, with ``dy``/``dy_xhat``).  The default is no history: plain batch norm."""
+
+    share: float = 0.0
+    mean: torch.Tensor | None = None
+    var: torch.Tensor | None = None
+    gradient_share: float = 0.0
+    dy: torch.Tensor | None = None
+    dy_xhat: torch.Tensor | None = None
+
+
+GradientSink = Callable[[float, torch.Tensor, torch.Tensor], None]
+
+
+def batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance of an ``(N, C, ...)`` tensor, in one native pass."""
+    return torch.batch_norm_update_stats(x, None, None, 0.0)
+
+
+def blended_moments(mean_b: torch.Tensor, var_b: torch.Tensor, blend: Blend) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and biased variance of the merge of history and batch, the history weighing
+    ``blend.share`` (:func:`psq.stats.mix`): with ``δ = mB − mH``, ``μ = lerp(mB, mH, a)`` and
+    ``σ² = lerp(vB, vH, a) + a(1−a)·δ²``.  With no share, the batch's own tensors."""
+    a = blend.share
+    if not a:
+        return mean_b, var_b
+    delta = mean_b - blend.mean
+    var = torch.lerp(var_b, blend.var, a).addcmul_(delta, delta, value=a * (1.0 - a))
+    return torch.lerp(mean_b, blend.mean, a), var
+
+
+class BlendedNorm(torch.autograd.Function):
+    """Batch norm with the statistics ``blended_moments(batch, history)``; the history is a constant.
+
+    With ``x̂ = r·(x − μ)``, ``r = (σ² + eps)^−½``, ``k = γ·r``, ``n`` elements per channel and the
+    batch's gradient means ``gB = Σg/n``, ``ψB = Σg·x̂/n`` (γ-free), three backwards, all batch
+    norm's gradient when both shares are 0:
+
+    * cluster: ``dL/dx = k·(g − ḡ − x̂·ψ̄)`` with ``ḡ = lerp(gB, gH, gshare)`` and likewise ``ψ̄``;
+      the batch's ``gB, ψB`` go to ``sink``;
+    * exact (the derivative with the history constant): the same with ``ḡ = (1 − share)·gB``
+      and ``ψ̄ = (1 − share)·ψB``;
+    * renorm (Batch Renormalization): batch norm's gradient through the batch statistics with
+      the blend's correction ``σB/σ`` a constant.
+
+    Each is one native backward call where it fits (no gradient history: batch norm's own
+    backward about ``μ, σ``; renorm: the backward about the batch's statistics with weight
+    ``γ·r/rB``), else a native reduction for ``Σg, Σg·x̂`` and one fused pass for
+    ``−k·ψ̄·x̂ − k·ḡ`` (``torch.batch_norm`` in inference mode) plus ``k·g``.
+
+    Also returns the batch's mean and biased variance (not differentiable).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        blend: Blend,
+        eps: float,
+        gradient: str,
+        sink: GradientSink | None,
+    ) -> tuple[torch.Tensor, ...]:
+        y, saved = normalize(x, weight, bias, blend, eps)
+        ctx.save_for_backward(weight, *saved.tensors())
+        # The history's gradient means are read in the backward, after this step's forward: a
+        # layer run twice before one backward blends the second's (a constant either way).
+        ctx.blend, ctx.eps, ctx.gradient, ctx.sink, ctx.x_dtype = blend, eps, gradient, sink, x.dtype
+        ctx.mark_non_differentiable(saved.mean_b, saved.var_b)
+        return y, saved.mean_b, saved.var_b
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
+        weight, *tensors = ctx.saved_tensors
+        grad_x, grad_w, grad_b = gradients(g, Saved(*tensors), weight, ctx.blend, ctx.eps, ctx.gradient, ctx.sink)
+        grad_w = grad_w.to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_b = grad_b.to(weight.dtype) if ctx.needs_input_grad[2] else None
+        return grad_x.to(ctx.x_dtype), grad_w, grad_b, None, None, None, None
+
+
+@dataclass(frozen=True)
+class Saved:
+    """What a backward needs of its forward: the input (in float32 or float64), the blended
+    statistics and the batch's, the variances biased."""
+
+    x: torch.Tensor
+    mean: torch.Tensor
+    var: torch.Tensor
+    mean_b: torch.Tensor
+    var_b: torch.Tensor
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.x, self.mean, self.var, self.mean_b, self.var_b
+
+
+def normalize(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, blend: Blend, eps: float
+) -> tuple[torch.Tensor, Saved]:
+    """The forward: the output (in the input's dtype), and what the backward needs."""
+    low = x.dtype not in FLOAT_STATS
+    with torch.autocast(x.device.type, enabled=False) if low else contextlib.nullcontext():
+        xs = x.float() if low else x
+        mean_b, var_b = batch_stats(xs)
+        mean, var = blended_moments(mean_b, var_b, blend)
+        y = torch.batch_norm(xs, weight, bias, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
+    return (y.to(x.dtype) if low else y), Saved(xs, mean, var, mean_b, var_b)
+
+
+def gradients(
+    g: torch.Tensor,
+    saved: Saved,
+    weight: torch.Tensor | None,
+    blend: Blend,
+    eps: float,
+    gradient: str,
+    sink: GradientSink | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward: the gradients of input, γ and β (in the statistics' dtype)."""
+    x, mean, var = saved.x, saved.mean, saved.var
+    g = g.to(x.dtype)
+    if gradient == "renorm" and blend.share:
+        return _renorm_backward(g, saved, weight, eps)
+    if _batch_gradient_means(gradient, blend):
+        grad_x, sum_g_xhat, sum_g = _batchnorm_backward(g, x, weight, mean, var, eps)
+        _hand_over(sink, x, sum_g, sum_g_xhat)
+        return grad_x, sum_g_xhat, sum_g
+    return _blended_backward(g, x, weight, mean, var, blend, eps, gradient, sink)
+
+
+def _batch_gradient_means(gradient: str, blend: Blend) -> bool:
+    """Whether the backward is batch norm's own about the forward's ``μ, σ``: nothing to blend
+    into its gradient means."""
+    return not blend.gradient_share if gradient == "cluster" else not blend.share
+
+
+def _elements(x: torch.Tensor) -> int:
+    return x.numel() // x.size(1)
+
+
+def _hand_over(sink: GradientSink | None, x: torch.Tensor, sum_g: torch.Tensor, sum_g_xhat: torch.Tensor) -> None:
+    """This batch's γ-free gradient means, ``Σg/n`` and ``Σg·x̂/n``, to the layer's sink."""
+    if sink is not None:
+        n = _elements(x)
+        sink(float(n), sum_g / n, sum_g_xhat / n)
+
+
+def _batchnorm_backward(
+    g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor, var: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batch norm's own backward about ``mean, var``: ``k·(g − gB − x̂·ψB)``, ``Σg·x̂``, ``Σg``."""
+    invstd = (var + eps).rsqrt_()
+    return _native_backward(g, x, weight, None, None, mean, invstd, True, eps, [True, True, True])
+
+
+def _renorm_backward(
+    g: torch.Tensor, saved: Saved, weight: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batch norm's backward about the batch's statistics with weight ``γ·r/rB`` (the blend's
+    correction a constant); γ's gradient ``Σg·x̂ = (r/rB)·Σg·x̂B + r·(mB − μ)·Σg``."""
+    r, r_b = (saved.var + eps).rsqrt_(), (saved.var_b + eps).rsqrt_()
+    ratio = r / r_b
+    scaled = ratio * weight if weight is not None else ratio
+    grad_x, sum_g_xhat_b, sum_g = _native_backward(
+        g, saved.x, scaled, None, None, saved.mean_b, r_b, True, eps, [True, True, True]
+    )
+    grad_w = torch.addcmul(ratio * sum_g_xhat_b, r * (saved.mean_b - saved.mean), sum_g)
+    return grad_x, grad_w, sum_g
+
+
+def _blended_backward(
+    g: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    blend: Blend,
+    eps: float,
+    gradient: str,
+    sink: GradientSink | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``k·(g − ḡ − x̂·ψ̄)`` for the cluster's or the exact gradient means."""
+    _, sum_g_xhat, sum_g = _native_backward(g, x, None, mean, var, None, None, False, eps, [False, True, True])
+    n = _elements(x)
+    dy, dy_xhat = sum_g / n, sum_g_xhat / n
+    if gradient == "cluster":
+        if sink is not None:
+            sink(float(n), dy, dy_xhat)
+        dy = torch.lerp(dy, blend.dy, blend.gradient_share)
+        dy_xhat = torch.lerp(dy_xhat, blend.dy_xhat, blend.gradient_share)
+    else:
+        dy, dy_xhat = dy.mul_(1.0 - blend.share), dy_xhat.mul_(1.0 - blend.share)
+    k = (var + eps).rsqrt_()
+    if weight is not None:
+        k.mul_(weight)
+    neg_k = -k
+    # −k·ψ̄·x̂ − k·ḡ per element, x̂ computed about μ inside the kernel (well conditioned)
+    grad_x = torch.batch_norm(x, neg_k * dy_xhat, neg_k * dy, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    return grad_x.addcmul_(g, k.view(shape)), sum_g_xhat, sum_g

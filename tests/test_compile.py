@@ -1,0 +1,99 @@
+"""PSBatchNorm under torch.compile: one graph, the eager results, no recompile per history."""
+
+from __future__ import annotations
+
+import copy
+import gc
+
+import pytest
+import torch
+from dist_workers import small_cnn
+from torch._dynamo.utils import counters
+
+from psq.loop import WorkerLoop
+from psq.torch import PSBatchNorm, convert_batchnorm
+
+torch.set_num_threads(1)
+
+
+def layer_with_history(loop: WorkerLoop) -> PSBatchNorm:
+    """A float64 layer whose loop holds a history of its moments and gradient means."""
+    layer = PSBatchNorm(3, name="bn", loop=loop, warmup_images=0).double()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x = torch.randn(4, 3, 5, 5, dtype=torch.float64, generator=gen) * 2 + 1
+        layer(x).pow(2).mean().backward()
+        loop.step()
+        assert loop.flush(10)
+    assert loop.history("bn").gradient is not None
+    return layer
+
+
+def test_the_training_forward_is_one_graph_that_matches_eager_and_survives_new_histories(cluster):
+    c = cluster(1)
+    torch._dynamo.reset()
+    # steps close only when told: the eager and the compiled call of a round see one history
+    with WorkerLoop(c.endpoints.frontend, job="compile", worker="w0", dtype="<f8", auto_step=False) as loop:
+        layer = layer_with_history(loop)
+        x = torch.randn(4, 3, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        assert torch._dynamo.explain(layer)(x).graph_break_count == 0
+        compiled = torch.compile(layer, fullgraph=True)  # inductor, the default backend
+        graphs = counters["stats"]["unique_graphs"]
+        g = torch.randn_like(x)
+        versions = set()
+        for _ in range(3):
+            xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+            eager = layer(xe)
+            want = torch.autograd.grad(eager, (xe, layer.weight, layer.bias), g)
+            got_y = compiled(xc)
+            got = torch.autograd.grad(got_y, (xc, layer.weight, layer.bias), g)
+            versions.add(layer.device_history.version)
+            torch.testing.assert_close(got_y, eager, rtol=0, atol=1e-12)
+            for a, e in zip(got, want):
+                torch.testing.assert_close(a, e, rtol=0, atol=1e-12)
+            loop.step()
+            assert loop.flush(10)  # the next round blends a newer history
+    assert len(versions) == 3
+    assert counters["stats"]["unique_graphs"] == graphs + 1  # a new history did not recompile
+
+
+def test_a_converted_model_under_compile_trains_like_eager(cluster):
+    """Two copies of one model train on the same data, each on its own job, one eager and one
+    compiled whole (fullgraph); each step waits for its reply, so both see the same histories."""
+    c = cluster(1)
+    torch.manual_seed(0)
+    base = small_cnn().double()
+    models, loops = [], []
+    for name in ("eager", "compiled"):
+        loop = WorkerLoop(c.endpoints.frontend, job=name, worker="w0", dtype="<f8").start()
+        loops.append(loop)
+        models.append(convert_batchnorm(copy.deepcopy(base), loop, warmup_images=0))
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in models]
+    runners = [models[0], torch.compile(models[1], backend="aot_eager", fullgraph=True)]
+    gen = torch.Generator().manual_seed(3)
+    try:
+        for _ in range(5):
+            x = torch.randn(4, 3, 8, 8, dtype=torch.float64, generator=gen)
+            target = torch.randint(0, 7, (4,), generator=gen)
+            for run, opt, loop in zip(runners, optimizers, loops):
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(run(x), target).backward()
+                opt.step()
+                assert loop.flush(10)
+    finally:
+        for loop in loops:
+            loop.stop()
+    assert models[1][1].device_history is not None and models[1][1].device_history.gradient_count > 0
+    for (name, a), (_, b) in zip(models[0].state_dict().items(), models[1].state_dict().items()):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-9, msg=name)
+
+
+def test_a_copy_of_a_layer_is_a_layer_of_its_own_to_the_operators():
+    layer = PSBatchNorm(4)
+    twin = copy.deepcopy(layer)
+    gone = layer._op
+    assert twin._op != gone
+    del layer
+    gc.collect()
+    with pytest.raises(RuntimeError, match="no longer exists"):
+        torch.ops.psq.train_forward(torch.randn(2, 4), None, None, gone)
