@@ -4,9 +4,11 @@ Side by side in one run, per shape (from a tiny 1x16x8x8 to ResNet-50's layers a
 32) and memory format (contiguous, ``channels_last``), float32:
 
 * ``bn``: ``nn.BatchNorm2d`` in training mode, the reference;
-* ``psq``: a converted layer with a history (the default weights, no warm-up left), its loop
-  stepping after every backward: the blend, the cluster gradient, the hand-over of both
-  statistics to the loop and the loop's bookkeeping, against a live broker and aggregator;
+* ``psq``: a converted layer with a history (the default weights, no warm-up left): the blend,
+  the cluster gradient, the hand-over of both statistics to the loop and the loop's
+  bookkeeping, against a live broker and aggregator.  The loop closes and pushes a step every
+  53 calls, as for a ResNet-50's 53 layers: the push's cost per step belongs to
+  ``psq bench step``, a layer's share of it is here;
 * ``psq w=0``: the same path with ``history_weight=0`` (batch norm's statistics, psq's
   bookkeeping): what psq costs before any blending;
 * with ``--compile``, ``bn`` and ``psq`` under ``torch.compile`` (inductor) too, each against
@@ -18,6 +20,7 @@ accumulates between calls.  Times are medians of interleaved rounds, in µs per 
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +37,7 @@ from psq.torch import PSBatchNorm
 SMALL = ((1, 16, 8, 8), (8, 16, 32, 32), (8, 64, 8, 8), (32, 64, 16, 16))
 RESNET50 = tuple((n, c, s, s) for n in (8, 32) for c, s in ((64, 56), (256, 56), (512, 28), (1024, 14), (2048, 7)))
 SHAPES = {"small": SMALL, "resnet50": RESNET50, "all": SMALL + RESNET50}
+LAYERS_PER_STEP = 53  # ResNet-50's batch-norm layers: one push per this many layer calls
 FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
@@ -51,10 +55,11 @@ class Case:
 
 def _step(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, loop: WorkerLoop | None) -> Callable[[], object]:
     params = (x, layer.weight, layer.bias)
+    calls = itertools.count(1)
 
     def call() -> object:
         out = torch.autograd.grad(layer(x), params, g)
-        if loop is not None:
+        if loop is not None and next(calls) % LAYERS_PER_STEP == 0:
             loop.step()
         return out
 
@@ -66,6 +71,7 @@ def _with_history(layer: nn.Module, call: Callable[[], object], loop: WorkerLoop
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         call()
+        loop.step()
         h = loop.history(layer.name)
         if h is not None and h.gradient is not None:
             return
@@ -107,7 +113,8 @@ def run(shapes: str, rounds: int, min_round_s: float, with_compile: bool, as_jso
     if with_compile:
         headers += ["compiled bn µs", "compiled psq µs", "compiled psq / bn", "compiled psq / eager bn"]
     rows = []
-    with cluster(1) as frontend, WorkerLoop(frontend, job="bench-layer", worker="w0") as loop:
+    # auto_step off: a layer called again closes no step; the bench closes one every 53 calls
+    with cluster(1) as frontend, WorkerLoop(frontend, job="bench-layer", worker="w0", auto_step=False) as loop:
         loop.wait_ready(30.0)
         for case in cases:
             us = measure(case, loop, rounds, min_round_s, with_compile)
