@@ -128,6 +128,7 @@ def normalize(
     low = x.dtype not in FLOAT_STATS
     with torch.autocast(x.device.type, enabled=False) if low else contextlib.nullcontext():
         xs = x.float() if low else x
+        weight, bias = _as(weight, xs.dtype), _as(bias, xs.dtype)
         mean_b, var_b = batch_stats(xs)
         mean, var = blended_moments(mean_b, var_b, blend)
         y = torch.batch_norm(xs, weight, bias, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
@@ -145,7 +146,7 @@ def gradients(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The backward: the gradients of input, γ and β (in the statistics' dtype)."""
     x, mean, var = saved.x, saved.mean, saved.var
-    g = g.to(x.dtype)
+    g, weight = g.to(x.dtype), _as(weight, x.dtype)
     if gradient == "renorm" and blend.share:
         return _renorm_backward(g, saved, weight, eps)
     if _batch_gradient_means(gradient, blend):
@@ -153,6 +154,11 @@ def gradients(
         _hand_over(sink, x, sum_g, sum_g_xhat)
         return grad_x, sum_g_xhat, sum_g
     return _blended_backward(g, x, weight, mean, var, blend, eps, gradient, sink)
+
+
+def _as(param: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A parameter in the statistics' dtype: a bfloat16 layer normalizes in float32."""
+    return param if param is None or param.dtype == dtype else param.to(dtype)
 
 
 def _batch_gradient_means(gradient: str, blend: Blend) -> bool:
@@ -207,7 +213,9 @@ def _blended_backward(
     sink: GradientSink | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``k·(g − ḡ − x̂·ψ̄)`` for the cluster's or the exact gradient means."""
-    _, sum_g_xhat, sum_g = _native_backward(g, x, None, mean, var, None, None, False, eps, [False, True, True])
+    # the reduction alone, about μ and σ (CUDA's kernel wants them as the saved statistics)
+    invstd = (var + eps).rsqrt_()
+    _, sum_g_xhat, sum_g = _native_backward(g, x, None, None, None, mean, invstd, True, eps, [False, True, True])
     n = _elements(x)
     dy, dy_xhat = sum_g / n, sum_g_xhat / n
     if gradient == "cluster":
@@ -217,9 +225,7 @@ def _blended_backward(
         dy_xhat = torch.lerp(dy_xhat, blend.dy_xhat, blend.gradient_share)
     else:
         dy, dy_xhat = dy.mul_(1.0 - blend.share), dy_xhat.mul_(1.0 - blend.share)
-    k = (var + eps).rsqrt_()
-    if weight is not None:
-        k.mul_(weight)
+    k = invstd * weight if weight is not None else invstd
     neg_k = -k
     # −k·ψ̄·x̂ − k·ḡ per element, x̂ computed about μ inside the kernel (well conditioned)
     grad_x = torch.batch_norm(x, neg_k * dy_xhat, neg_k * dy, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)

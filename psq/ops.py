@@ -54,6 +54,8 @@ def train_forward(
         used.append((saved, blend))
         return y, saved.mean_b, saved.var_b
 
+    if module.track_running_stats and module.num_batches_tracked is not None:
+        module.num_batches_tracked.add_(1)  # here, so that momentum=None reads this step's count
     y = module.train_step(x, apply)
     saved, blend = used[-1]
     # An operator's outputs may not alias each other: with no history the blend is the batch's.
@@ -66,7 +68,7 @@ def train_forward(
 def _(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, layer: int) -> tuple[torch.Tensor, ...]:
     dtype = x.dtype if x.dtype in FLOAT_STATS else torch.float32
     stats = [x.new_empty(x.size(1), dtype=dtype) for _ in range(4)]
-    return torch.empty_like(x), *stats, torch.empty(2, dtype=torch.float64)
+    return _like(x), *stats, torch.empty(2, dtype=torch.float64)
 
 
 @torch.library.custom_op("psq::train_backward", mutates_args=())
@@ -104,7 +106,14 @@ def _(
     shares: torch.Tensor,
     layer: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return torch.empty_like(x), torch.empty_like(mean), torch.empty_like(mean)
+    return _like(x), torch.empty_like(mean), torch.empty_like(mean)
+
+
+def _like(x: torch.Tensor) -> torch.Tensor:
+    """An output of the native kernels' layout: channels-last if the input is, else contiguous."""
+    last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    layout = last if last is not None and x.is_contiguous(memory_format=last) and not x.is_contiguous() else None
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=layout or torch.contiguous_format)
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:

@@ -158,6 +158,8 @@ class PSBatchNorm(_BatchNorm):
                 0.0,
                 self.eps,
             )
+        if self.loop is not None and torch.compiler.is_compiling():  # the loop's work runs in one operator
+            return ops.train_forward(x, self.weight, self.bias, self._op)[0]
         if self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
         if self.loop is None:
@@ -165,8 +167,6 @@ class PSBatchNorm(_BatchNorm):
             return F.batch_norm(
                 x, self.running_mean, self.running_var, self.weight, self.bias, True, momentum, self.eps
             )
-        if torch.compiler.is_compiling():  # the loop's work runs inside one opaque operator
-            return ops.train_forward(x, self.weight, self.bias, self._op)[0]
         return self.train_step(x, self._eager)
 
     def train_step(self, x: torch.Tensor, apply: Apply) -> torch.Tensor:
@@ -230,13 +230,15 @@ class PSBatchNorm(_BatchNorm):
     def _load(self, h: LayerHistory, device: torch.device) -> _DeviceHistory:
         """The layer's device copy of ``h``, refreshed in place when its version is new."""
         held = self._history
-        if held is None or held.rows.device != device:
-            dtype = self.running_mean.dtype if self.running_mean is not None else torch.float32
-            dtype = dtype if dtype in FLOAT_STATS else torch.float32
-            held = self._history = _DeviceHistory(self.num_features, dtype, device)
+        if held is None or held.rows.device != device or held.rows.dtype != self._stats_dtype():
+            held = self._history = _DeviceHistory(self.num_features, self._stats_dtype(), device)
         if held.version != h.version:
             held.load(h)
         return held
+
+    def _stats_dtype(self) -> torch.dtype:
+        dtype = self.running_mean.dtype if self.running_mean is not None else torch.float32
+        return dtype if dtype in FLOAT_STATS else torch.float32
 
     def _fill_buffers(self) -> None:
         """Write the latest cluster history into the running buffers (variance unbiased).

@@ -45,10 +45,11 @@ def test_a_cuda_layer_gives_the_cpus_results_without_waiting_for_the_device(clus
     x = (torch.randn(4, 3, 5, 5, dtype=torch.float64, generator=gen) * 2 + 1).to(memory_format=memory_format)
     g = torch.randn(4, 3, 5, 5, dtype=torch.float64, generator=gen).to(memory_format=memory_format)
     want = step(cpu, x, g)
-    step(gpu, x.cuda(), g.cuda())  # the first step copies the history to the device
+    x_gpu, g_gpu = x.cuda(), g.cuda()  # copies from pageable memory synchronize: before the check
+    step(gpu, x_gpu, g_gpu)  # the first step copies the history to the device
     torch.cuda.set_sync_debug_mode("error")  # any synchronizing call from here on raises
     try:
-        got = step(gpu, x.cuda(), g.cuda())
+        got = step(gpu, x_gpu, g_gpu)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     for a, e in zip(got, want):

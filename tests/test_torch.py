@@ -501,3 +501,20 @@ def test_max_staleness_waits_only_up_to_its_timeout_when_the_service_stalls(clus
         stalled = loop.summary()["staleness_timeouts"] - before
     assert torch.isfinite(y).all()
     assert stalled >= 4  # the steps gave up waiting at their timeout and trained on
+
+
+def test_a_layer_keeps_working_when_its_dtype_changes_after_a_history(cluster):
+    """A float64 layer with a history, made float32 and then bfloat16 (normalizing in float32):
+    each step reloads the history in the new dtype and matches the float64 layer's output."""
+    c = cluster(1)
+    layer, _ = trained_layer(c.endpoints.frontend, gradient="cluster")
+    x = torch.randn(6, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(9)) * 2 + 1
+    want = layer(x).detach()
+    for dtype, atol in ((torch.float32, 1e-5), (torch.bfloat16, 0.1)):
+        layer.to(dtype)
+        xs = x.to(dtype).requires_grad_()
+        y = layer(xs)
+        y.float().pow(2).mean().backward()
+        assert y.dtype == dtype and xs.grad.dtype == dtype and layer.weight.grad.dtype == dtype
+        torch.testing.assert_close(y.double(), want, rtol=0, atol=atol)
+        layer.weight.grad = layer.bias.grad = None

@@ -90,6 +90,7 @@ def measure(case: Case, loop: WorkerLoop, rounds: int, min_round_s: float, with_
         "psq w=0": PSBatchNorm(c, name=f"{name}-w0", loop=loop, history_weight=0.0),
     }
     if with_compile:
+        torch._dynamo.reset()  # each case's layers are new modules: no recompile limit across cases
         layers["bn compiled"] = torch.compile(nn.BatchNorm2d(c))
         layers["psq compiled"] = torch.compile(PSBatchNorm(c, name=f"{name}-c", loop=loop, warmup_images=0))
     calls = {k: _step(m, x, g, loop if k.startswith("psq") else None) for k, m in layers.items()}
