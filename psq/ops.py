@@ -25,23 +25,25 @@ _LAYERS: weakref.WeakValueDictionary[int, PSBatchNorm] = weakref.WeakValueDictio
 _NUMBERS = itertools.count()
 
 
-def register(layer: PSBatchNorm) -> int:
-    """A number the operators find ``layer`` by (held weakly: the layer owns its lifetime)."""
+def register(layer: PSBatchNorm) -> torch.Tensor:
+    """The number the operators find ``layer`` by (held weakly: the layer owns its lifetime), as
+    a host tensor: an input to the compiled graph, where an int would be a constant guarded per
+    layer (one recompile for each)."""
     number = next(_NUMBERS)
     _LAYERS[number] = layer
-    return number
+    return torch.tensor(number)
 
 
-def _layer(number: int) -> PSBatchNorm:
-    layer = _LAYERS.get(number)
+def _layer(number: torch.Tensor) -> PSBatchNorm:
+    layer = _LAYERS.get(int(number))
     if layer is None:
-        raise RuntimeError(f"psq layer {number} no longer exists")
+        raise RuntimeError(f"psq layer {int(number)} no longer exists")
     return layer
 
 
 @torch.library.custom_op("psq::train_forward", mutates_args=())
 def train_forward(
-    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, layer: int
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, layer: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The layer's training forward: ``y``, the blended and the batch's mean and biased
     variance, and the two shares ``(share, gradient_share)`` the step blended with (float64, on
@@ -65,7 +67,7 @@ def train_forward(
 
 
 @train_forward.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, layer: int) -> tuple[torch.Tensor, ...]:
+def _(x: torch.Tensor, *_: Any) -> tuple[torch.Tensor, ...]:
     dtype = x.dtype if x.dtype in FLOAT_STATS else torch.float32
     stats = [x.new_empty(x.size(1), dtype=dtype) for _ in range(4)]
     return _like(x), *stats, torch.empty(2, dtype=torch.float64)
@@ -81,7 +83,7 @@ def train_backward(
     mean_b: torch.Tensor,
     var_b: torch.Tensor,
     shares: torch.Tensor,
-    layer: int,
+    layer: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradients of input, γ and β (γ's and β's in the statistics' dtype)."""
     module = _layer(layer)
@@ -95,17 +97,7 @@ def train_backward(
 
 
 @train_backward.register_fake
-def _(
-    g: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    mean: torch.Tensor,
-    var: torch.Tensor,
-    mean_b: torch.Tensor,
-    var_b: torch.Tensor,
-    shares: torch.Tensor,
-    layer: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor, *_: Any) -> tuple[Any, ...]:
     return _like(x), torch.empty_like(mean), torch.empty_like(mean)
 
 

@@ -88,11 +88,26 @@ def test_a_converted_model_under_compile_trains_like_eager(cluster):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-9, msg=name)
 
 
+def test_layers_compiled_one_by_one_share_one_graph(cluster):
+    """The operators find their layer through a tensor input, not a constant: compiling many
+    layers of one shape, each on its own, compiles once (an int would recompile per layer, and
+    past dynamo's recompile limit run eagerly)."""
+    c = cluster(1)
+    # no step closes: no history arrives between a layer's compiled and eager call
+    with WorkerLoop(c.endpoints.frontend, job="many", worker="w0", dtype="<f8", auto_step=False) as loop:
+        layers = [PSBatchNorm(3, name=f"bn{i}", loop=loop).double() for i in range(10)]
+        x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+        graphs = counters["stats"]["unique_graphs"]
+        for layer in layers:
+            torch.testing.assert_close(torch.compile(layer, backend="aot_eager", fullgraph=True)(x), layer(x))
+    assert counters["stats"]["unique_graphs"] == graphs + 1
+
+
 def test_a_copy_of_a_layer_is_a_layer_of_its_own_to_the_operators():
     layer = PSBatchNorm(4)
     twin = copy.deepcopy(layer)
     gone = layer._op
-    assert twin._op != gone
+    assert int(twin._op) != int(gone)
     del layer
     gc.collect()
     with pytest.raises(RuntimeError, match="no longer exists"):
