@@ -109,10 +109,10 @@ def _like(x: torch.Tensor) -> torch.Tensor:
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
-    x, weight, _, layer = inputs
+    x, weight, bias, layer = inputs
     _, mean, var, mean_b, var_b, shares = output
     ctx.save_for_backward(x, weight, mean, var, mean_b, var_b, shares)
-    ctx.layer = layer
+    ctx.layer, ctx.has_bias = layer, bias is not None  # torch 2.13's bias=False: a weight, no bias
     ctx.mark_non_differentiable(*output[1:])
 
 
@@ -121,7 +121,7 @@ def _backward(ctx: Any, g: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, 
     grad_x, grad_w, grad_b = train_backward(g, x, weight, mean, var, mean_b, var_b, shares, ctx.layer)
     if weight is None:
         return grad_x, None, None, None
-    return grad_x, grad_w.to(weight.dtype), grad_b.to(weight.dtype), None
+    return grad_x, grad_w.to(weight.dtype), grad_b.to(weight.dtype) if ctx.has_bias else None, None
 
 
 train_forward.register_autograd(_backward, setup_context=_setup_context)

@@ -24,7 +24,8 @@ loads into a plain ``nn.BatchNorm*d``.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -43,13 +44,19 @@ DEFAULT_HISTORY_WEIGHT = 0.9
 DEFAULT_WARMUP_IMAGES = 1024.0
 Apply = Callable[[torch.Tensor, "Blend"], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 _BY_DIMS = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+_TORCH_HAS_BIAS = "bias" in inspect.signature(_BatchNorm.__init__).parameters  # torch >= 2.13
+# Each loop's layers by name: a name is one layer's statistics on the wire, so two live layers
+# on one loop must not share it (two models converted against one loop both have a layer "1").
+_NAMES: weakref.WeakKeyDictionary[WorkerLoop, weakref.WeakValueDictionary[str, PSBatchNorm]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class PSBatchNorm(_BatchNorm):
     """Batch norm over ``(N, C, ...)`` inputs (2-D to 5-D) sharing statistics through psq.
 
     The arguments of ``nn.BatchNorm*d`` (``num_features, eps, momentum, affine,
-    track_running_stats``), and psq's:
+    track_running_stats, device, dtype, bias``, every value of each), and psq's, by keyword:
 
     * ``history_weight`` in [0, 1): the largest share of the cluster's history in the
       statistics a training step normalizes with (0: plain batch norm, forward and backward);
@@ -66,11 +73,15 @@ class PSBatchNorm(_BatchNorm):
       (counted by the aggregator, every worker's), while the weights move fastest (0: none);
     * ``max_staleness``: if set, a step whose history is older than that many steps waits
       (up to the loop's ``staleness_timeout_s``) for fresher history, then goes on;
-    * ``name``: the layer's name on the wire (``convert_batchnorm`` uses the module path);
-    * ``loop``: the :class:`~psq.loop.WorkerLoop`; without one the layer is plain batch norm.
+    * ``name``: the layer's name on the wire, unique among the loop's layers
+      (``convert_batchnorm`` uses the module path, after its ``prefix``);
+    * ``loop``: the :class:`~psq.loop.WorkerLoop`; without one the layer is ``nn.BatchNorm``.
 
     ``momentum`` only matters before the first history arrives (and in sync mode): then the
-    running buffers are updated from the batch as ``nn.BatchNorm`` does.
+    running buffers are updated from the batch as ``nn.BatchNorm`` does.  In training with a
+    loop, an empty batch returns the empty output and sends nothing; a batch of one value per
+    channel (whose variance does not exist) normalizes with the history alone, and raises, as
+    ``nn.BatchNorm`` does, while there is none.
     """
 
     def __init__(
@@ -80,17 +91,23 @@ class PSBatchNorm(_BatchNorm):
         momentum: float | None = 0.1,
         affine: bool = True,
         track_running_stats: bool = True,
-        history_weight: float = DEFAULT_HISTORY_WEIGHT,
-        max_staleness: int | None = None,
-        gradient: str = "cluster",
-        name: str | None = None,
-        loop: WorkerLoop | None = None,
         device: Any = None,
         dtype: Any = None,
+        *,
+        bias: bool = True,
+        history_weight: float = DEFAULT_HISTORY_WEIGHT,
         gradient_history_weight: float | None = None,
         warmup_images: float = DEFAULT_WARMUP_IMAGES,
+        gradient: str = "cluster",
+        max_staleness: int | None = None,
+        name: str | None = None,
+        loop: WorkerLoop | None = None,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype, **_bias_option(bias)
+        )
+        if affine and not bias and not _TORCH_HAS_BIAS:
+            self.register_parameter("bias", None)
         if gradient_history_weight is None:
             gradient_history_weight = history_weight
         for what, w in (("history_weight", history_weight), ("gradient_history_weight", gradient_history_weight)):
@@ -111,6 +128,8 @@ class PSBatchNorm(_BatchNorm):
         self.gradient = gradient
         self.name = name or f"bn{id(self):x}"
         self.loop = loop
+        if loop is not None:
+            _claim(loop, self)
         self.origin: type[nn.Module] | None = None  # the class convert_batchnorm replaced
         self._input_dims: int | None = None
         self._history: _DeviceHistory | None = None
@@ -146,27 +165,14 @@ class PSBatchNorm(_BatchNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
         self._input_dims = x.dim()
-        if not self.training:
-            tracked = self.track_running_stats
-            return F.batch_norm(
-                x,
-                self.running_mean if tracked else None,
-                self.running_var if tracked else None,
-                self.weight,
-                self.bias,
-                not tracked,
-                0.0,
-                self.eps,
-            )
-        if self.loop is not None and torch.compiler.is_compiling():  # the loop's work runs in one operator
+        if not self.training or self.loop is None:  # nn.BatchNorm's own, with every option
+            return super().forward(x)
+        if x.numel() == 0:  # nothing to measure: no statistics sent, the history left alone
+            return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        if torch.compiler.is_compiling():  # the loop's work runs in one operator
             return ops.train_forward(x, self.weight, self.bias, self._op)[0]
         if self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
-        if self.loop is None:
-            momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-            return F.batch_norm(
-                x, self.running_mean, self.running_var, self.weight, self.bias, True, momentum, self.eps
-            )
         return self.train_step(x, self._eager)
 
     def train_step(self, x: torch.Tensor, apply: Apply) -> torch.Tensor:
@@ -177,7 +183,12 @@ class PSBatchNorm(_BatchNorm):
         if self.loop.mode == "sync":
             return self._sync_forward(x, count, apply)
         self.loop.enter(self.name)
-        h = self._fresh_history(x.device)
+        h = self._fresh_history(x)
+        if h is None and count == 1:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size {x.size()} "
+                "(psq normalizes such a batch with the cluster's history once the layer has one)"
+            )
         blend = Blend() if h is None else self._blend_with(h, count)
         y, mean_b, var_b = apply(x, blend)
         self.loop.submit(self.name, _submission(count, mean_b, var_b, images=float(x.size(0))))
@@ -191,7 +202,8 @@ class PSBatchNorm(_BatchNorm):
     def _blend_with(self, h: _DeviceHistory, count: float) -> Blend:
         """The shares of a history, capped by the (warmed-up) history weights."""
         weight = warmed_up(self.history_weight, h.seen, self.warmup_images)
-        share = float(blend_weight(h.count, count, weight))
+        # one value per channel has no variance of its own: the history alone normalizes it
+        share = float(blend_weight(h.count, count, weight)) if count > 1 else 1.0
         if not (h.gradient_count > 0 and self.gradient == "cluster"):
             return Blend(share, h.mean, h.var)
         gradient_weight = warmed_up(self.gradient_history_weight, h.seen, self.warmup_images)
@@ -214,7 +226,7 @@ class PSBatchNorm(_BatchNorm):
         if self.loop is not None:
             self.loop.submit_gradient(self.name, GradientSubmission(count, *_to_host(dy, dy_xhat)))
 
-    def _fresh_history(self, device: torch.device) -> _DeviceHistory | None:
+    def _fresh_history(self, x: torch.Tensor) -> _DeviceHistory | None:
         loop = self.loop
         assert loop is not None
         h = loop.history(self.name)
@@ -225,20 +237,17 @@ class PSBatchNorm(_BatchNorm):
         if h is None or h.moments.mean.size != self.num_features:  # none yet, or another layer's
             return None
         loop.note_staleness(step - h.step)
-        return self._load(h, device)
+        return self._load(h, x.device, x.dtype if x.dtype in FLOAT_STATS else torch.float32)
 
-    def _load(self, h: LayerHistory, device: torch.device) -> _DeviceHistory:
-        """The layer's device copy of ``h``, refreshed in place when its version is new."""
+    def _load(self, h: LayerHistory, device: torch.device, dtype: torch.dtype) -> _DeviceHistory:
+        """The layer's device copy of ``h`` in the dtype of the step's statistics (the input's,
+        float32 for a half-precision one), refreshed in place when its version is new."""
         held = self._history
-        if held is None or held.rows.device != device or held.rows.dtype != self._stats_dtype():
-            held = self._history = _DeviceHistory(self.num_features, self._stats_dtype(), device)
+        if held is None or held.rows.device != device or held.rows.dtype != dtype:
+            held = self._history = _DeviceHistory(self.num_features, dtype, device)
         if held.version != h.version:
             held.load(h)
         return held
-
-    def _stats_dtype(self) -> torch.dtype:
-        dtype = self.running_mean.dtype if self.running_mean is not None else torch.float32
-        return dtype if dtype in FLOAT_STATS else torch.float32
 
     def _fill_buffers(self) -> None:
         """Write the latest cluster history into the running buffers (variance unbiased).
@@ -280,6 +289,8 @@ class PSBatchNorm(_BatchNorm):
         pooled = Moments(
             float(answer[0].count), np.asarray(answer[0].mean, np.float64), np.asarray(answer[0].var, np.float64)
         )
+        if pooled.mean.size != self.num_features:  # another layer's statistics: never applied
+            return apply(x, Blend())[0]
         others = remove(pooled, own)
         share = float(others.count) / float(pooled.count)
         to = dict(dtype=mean_b.dtype, device=mean_b.device)
@@ -356,18 +367,61 @@ def ddp_buffer_sync(enabled: bool) -> dict[str, bool]:
     return {"forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers": enabled}
 
 
-# -- conversion ---------------------------------------------------------------------------------------
+# -- names and conversion -------------------------------------------------------------------------
 
 
-def convert_batchnorm(module: nn.Module, loop: WorkerLoop | None, **options: Any) -> nn.Module:
+def _claim(loop: WorkerLoop, layer: PSBatchNorm) -> None:
+    """Register ``layer``'s name on ``loop``, refusing a name another live layer holds there."""
+    names = _NAMES.setdefault(loop, weakref.WeakValueDictionary())
+    holder = names.get(layer.name)
+    if holder is not None and holder is not layer:
+        raise ValueError(
+            f"layer name {layer.name!r} is already used on this WorkerLoop by another live layer; give each "
+            "model its own prefix, e.g. convert_batchnorm(model, loop, prefix='discriminator.')"
+        )
+    names[layer.name] = layer
+
+
+def _release(layer: PSBatchNorm) -> None:
+    names = _NAMES.get(layer.loop) if layer.loop is not None else None
+    if names is not None and names.get(layer.name) is layer:
+        del names[layer.name]
+
+
+def _bias_option(bias: bool) -> dict[str, bool]:
+    """``bias=`` for torch's batch-norm classes, which take it since torch 2.13."""
+    return {"bias": bias} if _TORCH_HAS_BIAS else {}
+
+
+def convert_batchnorm(module: nn.Module, loop: WorkerLoop | None, prefix: str = "", **options: Any) -> nn.Module:
     """Replace every ``nn.BatchNorm1d/2d/3d`` and ``nn.SyncBatchNorm`` in ``module`` (recursively,
-    the root included) with a :class:`PSBatchNorm` named by its module path, copying weight,
-    bias, buffers, ``requires_grad`` and training mode.  ``options`` go to PSBatchNorm
-    (``history_weight``, ``max_staleness``).  Returns the converted module."""
-    return _convert(module, loop, "", options)
+    the root included) with a :class:`PSBatchNorm` named ``prefix`` + its module path, copying
+    every option, weight, bias, buffers, ``requires_grad`` and training mode.  Several models on
+    one loop (a GAN's two, a teacher and a student) each take their own ``prefix``: a name
+    another live layer holds on ``loop`` is refused before anything is replaced.  ``options``
+    go to PSBatchNorm (``history_weight``, ``max_staleness``, ...).  Returns the converted module."""
+    found = dict(_batchnorms(module, prefix))
+    taken = _NAMES.get(loop, {}) if loop is not None else {}
+    clashes = sorted(name for name in found if name in taken)
+    if clashes:
+        raise ValueError(
+            f"layer name(s) {', '.join(map(repr, clashes))} already used on this WorkerLoop by another model's "
+            f"layers; convert this model with its own prefix, e.g. convert_batchnorm(model, loop, prefix='student.')"
+        )
+    for name, bn in found.items():
+        if isinstance(bn, nn.modules.lazy.LazyModuleMixin) and bn.has_uninitialized_params():
+            raise ValueError(f"{name}: a lazy batch norm has no channels yet; run one forward pass, then convert")
+    return _convert(module, loop, prefix, "", options)
 
 
-def _convert(module: nn.Module, loop: WorkerLoop | None, path: str, options: dict[str, Any]) -> nn.Module:
+def _batchnorms(module: nn.Module, prefix: str) -> Iterator[tuple[str, _BatchNorm]]:
+    """The batch norms ``convert_batchnorm`` replaces, by the names it gives them."""
+    for path, m in module.named_modules():
+        if isinstance(m, _BatchNorm) and not isinstance(m, PSBatchNorm):
+            yield prefix + (path or "root"), m
+
+
+def _convert(module: nn.Module, loop: WorkerLoop | None, prefix: str, path: str, options: dict[str, Any]) -> nn.Module:
     out = module
     if isinstance(module, _BatchNorm) and not isinstance(module, PSBatchNorm):
         out = PSBatchNorm(
@@ -376,7 +430,8 @@ def _convert(module: nn.Module, loop: WorkerLoop | None, path: str, options: dic
             module.momentum,
             module.affine,
             module.track_running_stats,
-            name=path or "root",
+            bias=module.bias is not None or not module.affine,
+            name=prefix + (path or "root"),
             loop=loop,
             **options,
             **_placement(module),
@@ -384,13 +439,14 @@ def _convert(module: nn.Module, loop: WorkerLoop | None, path: str, options: dic
         out.origin = type(module)
         _copy_state(module, out)
     for name, child in module.named_children():
-        out.add_module(name, _convert(child, loop, f"{path}.{name}" if path else name, options))
+        out.add_module(name, _convert(child, loop, prefix, f"{path}.{name}" if path else name, options))
     return out
 
 
 def revert_batchnorm(module: nn.Module) -> nn.Module:
     """Replace every :class:`PSBatchNorm` with the plain ``nn.BatchNorm*d`` for the inputs it saw
-    (else the class it was converted from, else ``BatchNorm2d``), keeping its state."""
+    (else the class it was converted from, else ``BatchNorm2d``), keeping its options and state
+    (the running buffers hold the cluster's history) and freeing its name on the loop."""
     out = module
     if isinstance(module, PSBatchNorm):
         cls = _BY_DIMS.get(module._input_dims or 0)
@@ -402,9 +458,11 @@ def revert_batchnorm(module: nn.Module) -> nn.Module:
             module.momentum,
             module.affine,
             module.track_running_stats,
+            **_bias_option(module.bias is not None or not module.affine),
             **_placement(module),
         )
         _copy_state(module, out)
+        _release(module)
     for name, child in module.named_children():
         out.add_module(name, revert_batchnorm(child))
     return out
@@ -421,11 +479,11 @@ def _placement(module: nn.Module) -> dict[str, Any]:
 
 def _copy_state(src: _BatchNorm, dst: _BatchNorm) -> None:
     with torch.no_grad():
-        if src.affine:
-            dst.weight.copy_(src.weight)
-            dst.bias.copy_(src.bias)
-            dst.weight.requires_grad_(src.weight.requires_grad)
-            dst.bias.requires_grad_(src.bias.requires_grad)
+        for param in ("weight", "bias"):
+            theirs, ours = getattr(src, param), getattr(dst, param)
+            if theirs is not None and ours is not None:
+                ours.copy_(theirs)
+                ours.requires_grad_(theirs.requires_grad)
         if src.track_running_stats:
             dst.running_mean.copy_(src.running_mean)
             dst.running_var.copy_(src.running_var)

@@ -16,13 +16,13 @@ from psq.torch import PSBatchNorm, convert_batchnorm
 torch.set_num_threads(1)
 
 
-def layer_with_history(loop: WorkerLoop) -> PSBatchNorm:
+def layer_with_history(loop: WorkerLoop, **options) -> PSBatchNorm:
     """A float64 layer whose loop holds a history of its moments and gradient means."""
-    layer = PSBatchNorm(3, name="bn", loop=loop, warmup_images=0).double()
+    layer = PSBatchNorm(3, name="bn", loop=loop, warmup_images=0, **options).double()
     gen = torch.Generator().manual_seed(0)
     for _ in range(3):
         x = torch.randn(4, 3, 5, 5, dtype=torch.float64, generator=gen) * 2 + 1
-        layer(x).pow(2).mean().backward()
+        layer(x.requires_grad_()).pow(2).mean().backward()
         loop.step()
         assert loop.flush(10)
     assert loop.history("bn").gradient is not None
@@ -86,6 +86,22 @@ def test_a_converted_model_under_compile_trains_like_eager(cluster):
     assert models[1][1].device_history is not None and models[1][1].device_history.gradient_count > 0
     for (name, a), (_, b) in zip(models[0].state_dict().items(), models[1].state_dict().items()):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-9, msg=name)
+
+
+@pytest.mark.parametrize("options", [dict(bias=False), dict(affine=False, track_running_stats=False, momentum=None)])
+def test_every_batchnorm_option_compiles_to_one_graph_that_matches_eager(cluster, options):
+    c = cluster(1)
+    with WorkerLoop(c.endpoints.frontend, job="options", worker="w0", dtype="<f8", auto_step=False) as loop:
+        layer = layer_with_history(loop, **options)
+        compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+        x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+        params = [p for p in (layer.weight, layer.bias) if p is not None]
+        xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+        eager, got = layer(xe), compiled(xc)
+        torch.testing.assert_close(got, eager, rtol=0, atol=1e-12)
+        g = torch.randn_like(x)
+        for a, e in zip(torch.autograd.grad(got, [xc, *params], g), torch.autograd.grad(eager, [xe, *params], g)):
+            torch.testing.assert_close(a, e, rtol=0, atol=1e-12)
 
 
 def test_layers_compiled_one_by_one_share_one_graph(cluster):
