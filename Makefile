@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "psq needs Python 3.10 or newer"'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[dev,train,bench,metrics]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,train,bench,metrics,lightning]'
 	touch $@
 
 # A fresh run folder each time: its own snapshot, so a run starts with no history.

@@ -260,6 +260,8 @@ class PSBatchNorm(_BatchNorm):
         h = self.loop.history(self.name)
         if h is None or not self.track_running_stats or self.running_mean is None:
             return
+        if h.moments.mean.size != self.num_features:  # another layer's: never applied
+            return
         dtype = self.running_mean.dtype
         with torch.no_grad():
             self.running_mean.copy_(torch.tensor(np.asarray(h.moments.mean), dtype=dtype))
@@ -461,6 +463,7 @@ def revert_batchnorm(module: nn.Module) -> nn.Module:
             **_bias_option(module.bias is not None or not module.affine),
             **_placement(module),
         )
+        module._fill_buffers()  # the cluster's latest history, not what the buffers held last
         _copy_state(module, out)
         _release(module)
     for name, child in module.named_children():
