@@ -24,6 +24,7 @@ from broker.sync import Finished, Step, StepKey, SyncSteps
 from psq import protocol
 from psq.config import AggregatorSettings
 from psq.counters import Counters
+from psq.logs import Throttled
 from psq.protocol import Command, ErrorCode, HistoryReply, ProtocolError, Push
 from psq.security import ClientKeys
 from psq.sockets import drain, tune
@@ -47,8 +48,9 @@ class Aggregator:
         self.shard, self.shards = settings.shard
         self.name = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
         self.counters = Counters()
+        self._refusals = Throttled(log)
         self.store = Store(self.shard, self.shards, settings.half_life, settings.half_life_unit)
-        self.sync = SyncSteps(settings.workers or 1, settings.sync_timeout_s) if settings.mode == "sync" else None
+        self.sync = SyncSteps(settings.sync_workers or 1, settings.sync_timeout_s) if settings.mode == "sync" else None
         self.keys = ClientKeys.load(settings.secret_key, settings.server_key)
         self.registered = False
         self._refused_since: float | None = None
@@ -82,7 +84,7 @@ class Aggregator:
             log.info("aggregator %s: stopped", self.name)
 
     def _resume(self) -> None:
-        path = self.settings.snapshot
+        path = self.settings.snapshot_path
         if path is None:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -160,10 +162,12 @@ class Aggregator:
             elif msg.command is Command.ERROR:
                 self._on_refusal(protocol.parse_error(msg), now)
         except ProtocolError as exc:
-            log.warning("aggregator: unreadable message from the broker: %s", exc)
+            self._refusals.warning(("unreadable", exc.code), "aggregator: unreadable message from the broker: %s", exc)
 
     def _on_refusal(self, err: protocol.Error, now: float) -> None:
-        log.error("aggregator %s: the broker refused: %s: %s", self.name, err.code.value, err.message)
+        self._refusals.error(
+            ("refused", err.code), "aggregator %s: the broker refused: %s: %s", self.name, err.code.value, err.message
+        )
         if err.code is not ErrorCode.SHARD_TAKEN:
             return
         self.registered = False
@@ -246,7 +250,7 @@ class Aggregator:
 
     def _snapshot(self, final: bool = False) -> None:
         self._last_snapshot = time.monotonic()
-        path = self.settings.snapshot
+        path = self.settings.snapshot_path
         if path is None or not (self.store.dirty or (final and not path.exists())):
             return
         try:
@@ -262,7 +266,7 @@ class Aggregator:
             "name": self.name,
             "mode": self.settings.mode,
             "registered": self.registered,
-            "snapshot": str(self.settings.snapshot) if self.settings.snapshot else None,
+            "snapshot": str(self.settings.snapshot_path) if self.settings.snapshot_path else None,
             **self.counters.report(),
         }
 

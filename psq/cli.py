@@ -231,8 +231,8 @@ def _aggregator(settings: AggregatorSettings) -> int:
 
     try:
         aggregator = Aggregator(settings)
-        if settings.metrics_port:
-            _serve_metrics(settings.metrics_port, "AggregatorCollector", aggregator)
+        if settings.shard_metrics_port:
+            _serve_metrics(settings.shard_metrics_port, "AggregatorCollector", aggregator)
         _until_signalled(aggregator.run)
     except (SnapshotError, ShardTaken) as exc:
         print(f"psq aggregator: {exc}", file=sys.stderr)

@@ -3,6 +3,11 @@
 Each field declares its flag, its environment variable and how to parse and check it.  A flag
 wins over the environment, the environment over the default.  A ``PSQ_*`` variable that no
 setting knows is an error (a typo must not silently fall back to a default).
+
+One ``.env`` configures a whole deployment (broker, aggregators, trainers), so a variable means
+one thing to every process that reads it: a setting of several roles is either ``shared`` (the
+same value for all, like the broker's addresses) or named per role (``PSQ_BROKER_SECRET_KEY``,
+``PSQ_AGGREGATOR_METRICS_PORT``).  :func:`check_unambiguous` enforces it at import.
 """
 
 from __future__ import annotations
@@ -30,10 +35,18 @@ class SettingsError(ValueError):
 
 
 def setting(
-    default: Any, help: str, parse: Callable[[str], Any] = str, env: str | None = None, metavar: str | None = None
+    default: Any,
+    help: str,
+    parse: Callable[[str], Any] = str,
+    env: str | None = None,
+    metavar: str | None = None,
+    shared: bool = False,
 ) -> Any:
-    """A settings field: ``env`` defaults to ``PSQ_<NAME>``."""
-    return field(default=default, metadata={"help": help, "parse": parse, "env": env, "metavar": metavar})
+    """A settings field: ``env`` defaults to ``PSQ_<NAME>``; ``shared``: other roles read the
+    same variable for the same value."""
+    return field(
+        default=default, metadata={"help": help, "parse": parse, "env": env, "metavar": metavar, "shared": shared}
+    )
 
 
 # -- parsers: text in, value out, SettingsError with what was expected ---------------------------
@@ -100,6 +113,10 @@ def is_loopback(address: str) -> bool:
         return False
 
 
+MAX_PORT = 65535
+port = _number(int, lambda v: 0 < v <= MAX_PORT, f"a TCP port in 1..{MAX_PORT}", "port")
+
+
 def optional_path(text: str) -> Path | None:
     return Path(text) if text else None
 
@@ -125,17 +142,21 @@ def name(text: str) -> str:
 
 @dataclass(frozen=True)
 class BrokerSettings:
-    frontend: str = setting(DEFAULT_FRONTEND, "address the workers connect to (bound here)", endpoint)
-    backend: str = setting(DEFAULT_BACKEND, "address the aggregators connect to (bound here)", endpoint)
-    heartbeat_s: float = setting(1.0, "aggregator heartbeat interval in seconds", positive_float)
+    frontend: str = setting(DEFAULT_FRONTEND, "address the workers connect to (bound here)", endpoint, shared=True)
+    backend: str = setting(DEFAULT_BACKEND, "address the aggregators connect to (bound here)", endpoint, shared=True)
+    heartbeat_s: float = setting(1.0, "aggregator heartbeat interval in seconds", positive_float, shared=True)
     liveness: int = setting(3, "missed heartbeats after which an aggregator counts as gone", positive_int)
-    max_message_bytes: int = setting(DEFAULT_MAX_BYTES, "largest message accepted, in bytes", positive_int)
+    max_message_bytes: int = setting(DEFAULT_MAX_BYTES, "largest message accepted, in bytes", positive_int, shared=True)
     hwm: int = setting(100, "high-water mark (messages queued per peer) of each socket: bounds memory", positive_int)
-    secret_key: Path | None = setting(None, "the broker's CurveZMQ secret key file (psq keys generate)", optional_path)
+    secret_key: Path | None = setting(
+        None, "the broker's CurveZMQ secret key file (psq keys generate)", optional_path, "PSQ_BROKER_SECRET_KEY"
+    )
     worker_keys: Path | None = setting(None, "folder of the public key files of allowed workers", optional_path)
     aggregator_keys: Path | None = setting(None, "folder of the public key files of allowed aggregators", optional_path)
     insecure: bool = setting(False, "allow binding a non-loopback address without keys", flag)
-    metrics_port: int | None = setting(None, "serve Prometheus metrics on this port (loopback)", positive_int)
+    metrics_port: int | None = setting(
+        None, "serve Prometheus metrics on this port (loopback)", port, "PSQ_BROKER_METRICS_PORT"
+    )
 
     def __post_init__(self) -> None:
         given = [self.secret_key, self.worker_keys, self.aggregator_keys]
@@ -146,7 +167,7 @@ class BrokerSettings:
 @dataclass(frozen=True)
 class AggregatorSettings:
     shard: tuple[int, int] = setting((0, 1), "the shard this aggregator owns, as i/n", shard_spec, metavar="I/N")
-    backend: str = setting(DEFAULT_BACKEND, "the broker's backend address (connected to)", endpoint)
+    backend: str = setting(DEFAULT_BACKEND, "the broker's backend address (connected to)", endpoint, shared=True)
     half_life: float = setting(
         DEFAULT_HALF_LIFE_IMAGES,
         "history half-life: a batch's weight halves with every this many images the job sends after it",
@@ -157,37 +178,69 @@ class AggregatorSettings:
         "what --half-life counts: images (batch items), or elements (per-channel values, N*H*W; advanced)",
         choice(*HALF_LIFE_UNITS),
     )
-    snapshot: Path | None = setting(None, "snapshot file: resumed from at start, written atomically", optional_path)
+    snapshot: Path | None = setting(
+        None,
+        "snapshot file, resumed from at start and written atomically; {shard} in it becomes the shard index",
+        optional_path,
+    )
     snapshot_interval_s: float = setting(5.0, "seconds between snapshots (and one on SIGTERM)", positive_float)
     mode: str = setting(
         "async", "async: reply with the history at once; sync: wait for every worker's step", choice("async", "sync")
     )
-    workers: int | None = setting(None, "sync mode: the number of workers whose statistics make a step", positive_int)
+    sync_workers: int | None = setting(
+        None, "sync mode: the number of workers whose statistics make a step", positive_int
+    )
     sync_timeout_s: float = setting(10.0, "sync mode: how long a step waits for every worker", positive_float)
-    heartbeat_s: float = setting(1.0, "heartbeat interval in seconds", positive_float)
-    max_message_bytes: int = setting(DEFAULT_MAX_BYTES, "largest message accepted, in bytes", positive_int)
-    secret_key: Path | None = setting(None, "this aggregator's CurveZMQ secret key file", optional_path)
-    server_key: Path | None = setting(None, "the broker's CurveZMQ public key file", optional_path)
-    metrics_port: int | None = setting(None, "serve Prometheus metrics on this port (loopback)", positive_int)
+    heartbeat_s: float = setting(1.0, "heartbeat interval in seconds", positive_float, shared=True)
+    max_message_bytes: int = setting(DEFAULT_MAX_BYTES, "largest message accepted, in bytes", positive_int, shared=True)
+    secret_key: Path | None = setting(
+        None, "this aggregator's CurveZMQ secret key file", optional_path, "PSQ_AGGREGATOR_SECRET_KEY"
+    )
+    server_key: Path | None = setting(None, "the broker's CurveZMQ public key file", optional_path, shared=True)
+    metrics_port: int | None = setting(
+        None,
+        "serve Prometheus metrics on this port plus the shard index (loopback): one value serves every shard",
+        port,
+        "PSQ_AGGREGATOR_METRICS_PORT",
+    )
 
     def __post_init__(self) -> None:
-        if self.mode == "sync" and self.workers is None:
-            raise SettingsError("--mode sync needs --workers N (PSQ_WORKERS): the workers that make a step")
+        if self.mode == "sync" and self.sync_workers is None:
+            raise SettingsError("--mode sync needs --sync-workers N (PSQ_SYNC_WORKERS): the workers that make a step")
+        if self.shard[1] > 1 and self.snapshot is not None and "{shard}" not in str(self.snapshot):
+            raise SettingsError(
+                f"with {self.shard[1]} shards every aggregator would write the snapshot {self.snapshot}: "
+                "put {shard} in its path, e.g. runs/aggregator-{shard}.snap"
+            )
+        if self.metrics_port is not None and self.metrics_port + self.shard[0] > MAX_PORT:
+            raise SettingsError(f"metrics port {self.metrics_port} + shard {self.shard[0]} is past {MAX_PORT}")
+
+    @property
+    def snapshot_path(self) -> Path | None:
+        """This shard's snapshot file."""
+        return Path(str(self.snapshot).replace("{shard}", str(self.shard[0]))) if self.snapshot else None
+
+    @property
+    def shard_metrics_port(self) -> int | None:
+        """This shard's metrics port: aggregators sharing one setting do not collide."""
+        return None if self.metrics_port is None else self.metrics_port + self.shard[0]
 
 
 @dataclass(frozen=True)
 class StatusSettings:
-    frontend: str = setting(DEFAULT_FRONTEND, "the broker's frontend address", endpoint)
-    timeout_s: float = setting(2.0, "how long to wait for each answer", positive_float)
-    secret_key: Path | None = setting(None, "a worker's CurveZMQ secret key file", optional_path)
-    server_key: Path | None = setting(None, "the broker's CurveZMQ public key file", optional_path)
+    frontend: str = setting(DEFAULT_FRONTEND, "the broker's frontend address", endpoint, shared=True)
+    timeout_s: float = setting(2.0, "how long to wait for each answer", positive_float, "PSQ_STATUS_TIMEOUT_S")
+    secret_key: Path | None = setting(
+        None, "a worker's CurveZMQ secret key file", optional_path, "PSQ_WORKER_SECRET_KEY", shared=True
+    )
+    server_key: Path | None = setting(None, "the broker's CurveZMQ public key file", optional_path, shared=True)
 
 
 @dataclass(frozen=True)
 class TrainSettings:
     """The digits trainer (``python -m workers.train``, ``psq worker``)."""
 
-    frontend: str = setting(DEFAULT_FRONTEND, "the broker's frontend address", endpoint)
+    frontend: str = setting(DEFAULT_FRONTEND, "the broker's frontend address", endpoint, shared=True)
     norm: str = setting(
         "psq",
         "batch norm: psq (shared history), local (per worker), syncbn (synchronized)",
@@ -233,8 +286,10 @@ class TrainSettings:
     push_interval_s: float = setting(
         0.0, "psq: least time between two pushes (steps in between are merged)", non_negative_float
     )
-    secret_key: Path | None = setting(None, "this worker's CurveZMQ secret key file", optional_path)
-    server_key: Path | None = setting(None, "the broker's CurveZMQ public key file", optional_path)
+    secret_key: Path | None = setting(
+        None, "this worker's CurveZMQ secret key file", optional_path, "PSQ_WORKER_SECRET_KEY", shared=True
+    )
+    server_key: Path | None = setting(None, "the broker's CurveZMQ public key file", optional_path, shared=True)
 
 
 SETTINGS = (BrokerSettings, AggregatorSettings, StatusSettings, TrainSettings)
@@ -245,6 +300,20 @@ SETTINGS = (BrokerSettings, AggregatorSettings, StatusSettings, TrainSettings)
 
 def env_name(f: dataclasses.Field[Any]) -> str:
     return f.metadata["env"] or ENV_PREFIX + f.name.upper()
+
+
+def check_unambiguous(classes: tuple[type, ...]) -> None:
+    """Refuse a variable that two roles would read for different things: one read by several
+    settings classes must be ``shared`` by each, with one parser."""
+    readers: dict[str, list[tuple[type, dataclasses.Field[Any]]]] = {}
+    for cls in classes:
+        for f in dataclasses.fields(cls):
+            readers.setdefault(env_name(f), []).append((cls, f))
+    for variable, fields in readers.items():
+        ok = all(f.metadata["shared"] for _, f in fields) and len({f.metadata["parse"] for _, f in fields}) == 1
+        if len(fields) > 1 and not ok:
+            roles = ", ".join(f"{cls.__name__}.{f.name}" for cls, f in fields)
+            raise SettingsError(f"{variable} is read by {roles}: mark it shared, or give each its own variable")
 
 
 def known_environment() -> set[str]:
@@ -310,3 +379,6 @@ def _show(value: Any) -> str:
     if isinstance(value, tuple):
         return "/".join(map(str, value))
     return "none" if value is None else str(value)
+
+
+check_unambiguous(SETTINGS)

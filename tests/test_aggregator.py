@@ -235,7 +235,7 @@ def test_a_corrupt_snapshot_is_refused_and_kept(spawn, endpoints, tmp_path):
 
 
 def test_sync_mode_answers_every_worker_with_the_pooled_step(cluster):
-    c = cluster(1, "--mode", "sync", "--workers", "2", "--half-life", str(HALF_LIFE))
+    c = cluster(1, "--mode", "sync", "--sync-workers", "2", "--half-life", str(HALF_LIFE))
     rng = np.random.default_rng(5)
     batches = [
         {"bn1": Moments(8.0, rng.normal(size=3), rng.random(3))},
@@ -255,7 +255,7 @@ def test_sync_mode_answers_every_worker_with_the_pooled_step(cluster):
 
 
 def test_sync_mode_answers_an_incomplete_step_after_its_timeout(cluster):
-    c = cluster(1, "--mode", "sync", "--workers", "2", "--sync-timeout-s", "0.3")
+    c = cluster(1, "--mode", "sync", "--sync-workers", "2", "--sync-timeout-s", "0.3")
     alone = {"bn1": Moments(4.0, np.arange(3.0), np.ones(3))}
 
     async def lone_worker():
@@ -271,7 +271,7 @@ def test_sync_mode_answers_an_incomplete_step_after_its_timeout(cluster):
 @pytest.mark.parametrize(
     ("args", "text"),
     [
-        (["--mode", "sync"], "--mode sync needs --workers N"),
+        (["--mode", "sync"], "--mode sync needs --sync-workers N"),
         (["--shard", "2/2"], "expected a shard as i/n"),
         (["--half-life", "0"], "expected a positive number"),
     ],

@@ -144,7 +144,7 @@ async def test_inside_the_trainers_own_event_loop(cluster):
 
 
 def test_sync_mode_exchanges_block_until_every_worker_is_in(cluster):
-    c = cluster(1, "--mode", "sync", "--workers", "2")
+    c = cluster(1, "--mode", "sync", "--sync-workers", "2")
     results: dict[str, object] = {}
 
     def worker(name: str, seed: int) -> None:

@@ -10,8 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import live_shards, wait_until
+from conftest import free_tcp_port, live_shards, wait_until
 from test_cli import run_psq
+from test_metrics import scrape, value
 
 from psq.config import DEFAULT_HALF_LIFE_IMAGES
 
@@ -73,3 +74,34 @@ def test_honcho_runs_broker_and_aggregator_and_the_readme_examples_talk_to_them(
     assert honcho.returncode == 143, output
     assert "broker.1 stopped (rc=0)" in output and "aggregator.1 stopped (rc=0)" in output, output
     assert (run / "runs" / "latest" / "aggregator-0.snap").exists()  # written on SIGTERM
+
+
+def test_one_env_file_configures_broker_and_aggregator_metrics_ports_included(endpoints, tmp_path):
+    """honcho reads .env for every process: each role takes its own variables from it."""
+    broker_port, aggregator_port = free_tcp_port(), free_tcp_port()
+    (tmp_path / "Procfile").write_text((ROOT / "Procfile").read_text())
+    (tmp_path / ".env").write_text(
+        f"PSQ_FRONTEND={endpoints.frontend}\nPSQ_BACKEND={endpoints.backend}\n"
+        f"PSQ_BROKER_METRICS_PORT={broker_port}\nPSQ_AGGREGATOR_METRICS_PORT={aggregator_port}\n"
+        "PSQ_HALF_LIFE=64\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PSQ_")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    honcho = subprocess.Popen(
+        [sys.executable, "-m", "honcho", "start", "broker", "aggregator"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        wait_until(lambda: live_shards(endpoints.frontend) == {0}, what="honcho's aggregator to register")
+        status = json.loads(run_psq("status", "--json", "--frontend", endpoints.frontend).stdout)
+        assert status["shard_reports"]["0"]["half_life"] == 64
+        assert value(scrape(broker_port), "psq_aggregators_live") == 1
+        assert value(scrape(aggregator_port), "psq_messages_total", role="aggregator", command="STATUS") >= 1
+    finally:
+        honcho.send_signal(signal.SIGTERM)
+        output = honcho.communicate(timeout=10)[0].decode()
+    assert "broker.1 stopped (rc=0)" in output and "aggregator.1 stopped (rc=0)" in output, output

@@ -427,7 +427,7 @@ def _spawn(fn, *args) -> None:
 
 
 def test_sync_mode_falls_back_to_batch_statistics_when_the_step_is_incomplete(cluster):
-    c = cluster(1, "--mode", "sync", "--workers", "2", "--sync-timeout-s", "0.3")
+    c = cluster(1, "--mode", "sync", "--sync-workers", "2", "--sync-timeout-s", "0.3")
     with WorkerLoop(c.endpoints.frontend, job="alone", worker="w0", mode="sync", dtype="<f8") as loop:
         layer = PSBatchNorm(3, name="bn", loop=loop).double()
         x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
@@ -437,7 +437,7 @@ def test_sync_mode_falls_back_to_batch_statistics_when_the_step_is_incomplete(cl
 
 
 def test_sync_mode_forward_equals_batchnorm_on_the_global_batch(cluster, tmp_path):
-    c = cluster(1, "--mode", "sync", "--workers", "2")
+    c = cluster(1, "--mode", "sync", "--sync-workers", "2")
     torch.manual_seed(3)
     reference = small_cnn().double()
     x = torch.randn(10, 3, 8, 8, dtype=torch.float64) * 3 + 1
