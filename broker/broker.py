@@ -27,6 +27,7 @@ from broker.shards import Refused, ShardTable
 from psq import protocol
 from psq.config import BrokerSettings
 from psq.counters import Counters, Histogram
+from psq.logs import Throttled
 from psq.protocol import BROKER_KEY, Command, ErrorCode, ProtocolError
 from psq.security import AGGREGATORS_DOMAIN, HANDSHAKE_EVENTS, WORKERS_DOMAIN, BrokerAuth, check_bind, handshake_failure
 from psq.sockets import drain, tune
@@ -54,6 +55,7 @@ class Broker:
         self._frontend: zmq.Socket | None = None
         self._backend: zmq.Socket | None = None
         self._monitors: dict[zmq.Socket, str] = {}  # handshake monitors -> the side they watch
+        self._refusals = Throttled(log)
         self.round_trips = Histogram(RTT_BUCKETS_S)
         self._forwarded: dict[bytes, float] = {}  # worker identity + shard -> when its request left
 
@@ -102,11 +104,13 @@ class Broker:
         while monitor.poll(0):
             event = recv_monitor_message(monitor)
             self.counters.errors["handshake"] += 1
-            log.warning(
+            side, why = self._monitors[monitor], handshake_failure(event)
+            self._refusals.warning(
+                ("handshake", side, why),
                 "broker: refused a connection on the %s side (%s): %s",
-                self._monitors[monitor],
+                side,
                 event["endpoint"].decode(errors="replace"),
-                handshake_failure(event),
+                why,
             )
 
     def _serve(self, should_stop: Callable[[], bool]) -> None:
@@ -237,7 +241,9 @@ class Broker:
             msg = protocol.decode(frames, self.settings.max_message_bytes)
             if msg.command is Command.ERROR:
                 err = protocol.parse_error(msg)
-                log.warning("broker: aggregator reports %s: %s", err.code.value, err.message)
+                self._refusals.warning(
+                    ("reported", aggregator, err.code), "broker: aggregator reports %s: %s", err.code.value, err.message
+                )
                 return
             beat = protocol.parse_heartbeat(msg)
         except ProtocolError as exc:
@@ -249,7 +255,7 @@ class Broker:
             new = self.table.heartbeat(aggregator, beat.shard, beat.shards, beat.name, now)
         except Refused as exc:
             self.counters.errors[ErrorCode.SHARD_TAKEN.value] += 1
-            log.warning("broker: refused aggregator %r: %s", beat.name, exc)
+            self._refusals.warning(("refused", aggregator), "broker: refused aggregator %r: %s", beat.name, exc)
             self._backend.send_multipart(
                 [aggregator, b"", *protocol.encode_error(ErrorCode.SHARD_TAKEN, str(exc), BROKER_KEY)]
             )

@@ -23,6 +23,7 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
 from psq.config import SettingsError, is_loopback
+from psq.logs import Throttled
 
 log = logging.getLogger("psq.security")
 
@@ -132,6 +133,7 @@ class BrokerAuth:
             AGGREGATORS_DOMAIN: (aggregator_keys, allowed_keys(aggregator_keys)),
         }
         self._auth: ThreadAuthenticator | None = None
+        self._refusals = Throttled(log)
 
     def start(self, ctx: zmq.Context) -> None:
         self._auth = ThreadAuthenticator(ctx, log=logging.getLogger("psq.security.zap"))
@@ -159,5 +161,7 @@ class BrokerAuth:
             why = f"it is on the {elsewhere[0]} allow-list, not on the {domain} one"
         else:
             why = f"no key file in {folder} holds it"
-        log.warning("broker: refused a connection to the %s side, key %s: %s", domain, key.decode(), why)
+        self._refusals.warning(
+            (domain, key), "broker: refused a connection to the %s side, key %s: %s", domain, key.decode(), why
+        )
         return False

@@ -137,6 +137,27 @@ def test_no_key_is_refused(secure, zsocket):
     assert "no CurveZMQ keys" in reason, reason  # libzmq names it a mechanism mismatch, or gives no detail
 
 
+def test_a_keyless_peer_that_keeps_reconnecting_is_logged_once_per_interval(secure, keys):
+    """Every attempt is counted; the log gets one line for them (the count follows a minute on)."""
+    frontend, _, broker = secure
+    worker = client_keys(keys, "worker")
+    ctx = zmq.Context.instance()
+    for _ in range(20):
+        sock = ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.connect(frontend)
+        sock.send_multipart(protocol.encode_status())
+        sock.poll(50)
+        sock.close()
+    wait_until(
+        lambda: query(frontend, 2, worker)["broker"]["errors"].get("handshake", 0) >= 20, what="20 refusals counted"
+    )
+    lines = [line for line in broker.output().splitlines() if "refused a connection on the workers side" in line]
+    reasons = [line.split("): ", 1)[1] for line in lines]
+    # one line per reason libzmq gives (a mechanism mismatch; a hang-up mid-handshake), not per attempt
+    assert 1 <= len(lines) <= 2 and len(set(reasons)) == len(reasons), "\n".join(lines)
+
+
 def test_a_wrong_server_key_is_refused(secure, keys):
     frontend, _, broker = secure
     with pytest.raises(Unavailable):
