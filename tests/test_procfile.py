@@ -1,10 +1,9 @@
-"""The Procfile under honcho, and the README's client example against it."""
+"""The Procfile under honcho, with the docs' client and training examples against it; one .env for all."""
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -13,17 +12,11 @@ from pathlib import Path
 from conftest import free_tcp_port, live_shards, wait_until
 from test_cli import run_psq
 from test_metrics import scrape, value
+from test_readme import example
 
 from psq.config import DEFAULT_HALF_LIFE_IMAGES
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def readme_example(marker: str) -> str:
-    text = (ROOT / "README.md").read_text()
-    match = re.search(rf"<!-- example: {marker} -->\s*```python\n(.*?)```", text, re.S)
-    assert match, f"README has no example marked {marker!r}"
-    return match[1]
 
 
 def test_honcho_runs_broker_and_aggregator_and_the_readme_examples_talk_to_them(endpoints, tmp_path):
@@ -47,7 +40,7 @@ def test_honcho_runs_broker_and_aggregator_and_the_readme_examples_talk_to_them(
     try:
         wait_until(lambda: live_shards(endpoints.frontend) == {0}, what="honcho's aggregator to register")
         script = tmp_path / "example.py"
-        script.write_text(readme_example("client"))
+        script.write_text(example("client"))
         out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         # ten batches of 32 (one image per sample) under the aggregator's default half-life
@@ -57,7 +50,7 @@ def test_honcho_runs_broker_and_aggregator_and_the_readme_examples_talk_to_them(
         layers = json.loads(status.stdout)["shard_reports"]["0"]["jobs"]["demo"]
         assert [(layer[0], layer[2]) for layer in layers] == [("bn1", 10), ("bn2", 10)]
         training = tmp_path / "train.py"
-        training.write_text(readme_example("sync-training"))
+        training.write_text(example("sync-training"))
         out = subprocess.run(
             [sys.executable, str(training)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120
         )

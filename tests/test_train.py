@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import free_tcp_port, wait_until
+from conftest import wait_until
 from test_cli import run_psq
 from test_procfile import ROOT
 
@@ -85,56 +85,6 @@ def test_the_custom_trainer_examples_run(cluster):
     c = cluster(1)
     assert custom_sync.main(c.endpoints.frontend) > 0.6  # better than chance on the toy task
     assert asyncio.run(custom_async.main(c.endpoints.frontend)) > 0.6
-
-
-def test_workers_on_other_hosts_reach_the_service_by_tcp_address(spawn, tmp_path):
-    """Broker and aggregator on 'one host' and two single-rank workers on 'others', each bound or
-    connected to a different loopback address, the workers launched as two torchrun nodes."""
-    frontend = f"tcp://127.0.0.2:{free_tcp_port()}"
-    backend = f"tcp://127.0.0.3:{free_tcp_port()}"
-    spawn("broker", "--frontend", frontend, "--backend", backend)
-    spawn("aggregator", "--backend", backend, "--half-life", "4096")
-    wait_until(lambda: _live(frontend), what="the aggregator behind 127.0.0.3")
-    port = free_tcp_port()
-    nodes = []
-    for node in (0, 1):
-        env = env_for(
-            PSQ_FRONTEND=frontend,
-            PSQ_EPOCHS="2",
-            PSQ_MAX_STEPS_PER_EPOCH="150",
-            PSQ_RUN_DIR=str(tmp_path / "run"),
-            PSQ_JOB="hosts",
-        )
-        nodes.append(
-            subprocess.Popen(
-                [
-                    f"{BIN}/torchrun",
-                    "--nnodes",
-                    "2",
-                    "--node-rank",
-                    str(node),
-                    "--nproc-per-node",
-                    "1",
-                    "--master-addr",
-                    "127.0.0.4",
-                    "--master-port",
-                    str(port),
-                    "-m",
-                    "workers.train",
-                ],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    outputs = [p.communicate(timeout=240)[0] for p in nodes]
-    assert [p.returncode for p in nodes] == [0, 0], outputs
-    summary = run_dir_files(tmp_path / "run")
-    loops = [r["loop"] for r in summary["ranks"]]
-    assert all(r["unavailable"] == 0 and r["answered"] > 0 for r in loops)
-    report = query(frontend, 2)
-    assert {w["worker"] for w in report["workers"]} == {"rank0", "rank1"}
 
 
 def _live(frontend: str) -> bool:

@@ -10,7 +10,7 @@ round after round so that drift on this noisy machine falls on all three alike:
 * ``psq``: :class:`psq.torch.PSBatchNorm` with a background :class:`psq.WorkerLoop`, against a
   broker and an aggregator started here.
 
-All three use ``broadcast_buffers=False``, so no method pays for a buffer broadcast.
+All three turn DDP's buffer sync off (``ddp_buffer_sync(False)``), so no method pays for a broadcast.
 """
 
 from __future__ import annotations
