@@ -81,11 +81,11 @@ def test_training_survives_killed_services_and_a_stopped_worker(cluster, spawn, 
     mark = versions(front) or before_kill
     wait_until(lambda: versions(front) > mark, timeout_s=30, what="updates after the broker restart")
 
-    # 3. SIGSTOP one worker for 10 s, then SIGCONT it
+    # 3. SIGSTOP one worker for 6 s, then SIGCONT it
     ranks = [p for p in descendants(trainer.pid) if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
     assert len(ranks) == 2
     os.kill(ranks[1], signal.SIGSTOP)
-    time.sleep(10)
+    time.sleep(6)
     os.kill(ranks[1], signal.SIGCONT)
 
     output = trainer.communicate(timeout=300)[0]
@@ -97,4 +97,4 @@ def test_training_survives_killed_services_and_a_stopped_worker(cluster, spawn, 
     # The longest step is the DDP all-reduce waiting out the stopped rank, bounded by the collective
     # timeout; psq itself never holds a step (its pushes run in the background).
     assert all(r["max_step_s"] < COLLECTIVE_TIMEOUT.total_seconds() for r in summary["ranks"])
-    assert max(r["max_step_s"] for r in summary["ranks"]) > 5  # the stop did reach the training
+    assert max(r["max_step_s"] for r in summary["ranks"]) > 4  # the stop did reach the training

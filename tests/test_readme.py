@@ -157,7 +157,7 @@ def _training_host(code: str, node: int, keys: Path, tmp_path: Path) -> subproce
     code = code.replace("--node-rank 0", f"--node-rank {node}").replace("host0", f"host{node}")
     env = service_env("unused")
     del env["PSQ_FRONTEND"]  # the recipe sets it
-    env.update(PSQ_EPOCHS="1", PSQ_MAX_STEPS_PER_EPOCH="100", PSQ_RUN_DIR=str(tmp_path / "run"), PSQ_JOB="hosts")
+    env.update(PSQ_EPOCHS="1", PSQ_MAX_STEPS_PER_EPOCH="50", PSQ_RUN_DIR=str(tmp_path / "run"), PSQ_JOB="hosts")
     env["PYTHONPATH"] = str(ROOT)  # -m workers.train from the host's own folder
     return subprocess.Popen(
         ["bash", "-euc", code], cwd=host, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
