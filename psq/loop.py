@@ -17,7 +17,7 @@ latest history of their layer (moments and gradient means) with ``history(name)`
 away the loop logs once, the layers train on batch statistics and the last history they have,
 and it recovers by itself.  No wait anywhere is unbounded.
 
-``mode="sync"`` (against an aggregator started with ``--mode sync --workers N``) instead has
+``mode="sync"`` (against an aggregator started with ``--mode sync --sync-workers N``) instead has
 each layer ``exchange`` its statistics and block until the pooled statistics of that step
 arrive: SyncBatchNorm's forward, for verification.
 
