@@ -110,6 +110,7 @@ class Aggregator:
                 self._send(b"", protocol.encode_heartbeat(protocol.Heartbeat(self.shard, self.shards, self.name)))
                 next_beat = now + self.settings.heartbeat_s
                 self.counters.sample(now)
+                self._refusals.flush()
             self._expire_sync_steps(now)
             if now - self._last_snapshot >= self.settings.snapshot_interval_s:
                 self._snapshot()

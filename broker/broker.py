@@ -65,7 +65,7 @@ class Broker:
         Raises :class:`~psq.config.SettingsError` for a non-loopback bind without keys.
         """
         s = self.settings
-        auth = BrokerAuth(s.secret_key, s.worker_keys, s.aggregator_keys) if s.secret_key else None
+        auth = BrokerAuth(s.secret_key, s.worker_keys, s.aggregator_keys, self._refusals) if s.secret_key else None
         for address in (s.frontend, s.backend):
             check_bind(address, auth is not None, s.insecure)
         ctx = zmq.Context()
@@ -268,6 +268,7 @@ class Broker:
 
     def _tick(self, now: float) -> None:
         self.counters.sample(now)
+        self._refusals.flush()
         for owner in self.table.expire(now, forget_after_s=10 * self.table.timeout_s):
             log.warning("broker: forgot aggregator %r, silent for %.0f s", owner.name, now - owner.last_seen)
         stale = [k for k, v in self._workers.items() if now - v[2] > WORKER_SEEN_S]

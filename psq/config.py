@@ -207,13 +207,16 @@ class AggregatorSettings:
     def __post_init__(self) -> None:
         if self.mode == "sync" and self.sync_workers is None:
             raise SettingsError("--mode sync needs --sync-workers N (PSQ_SYNC_WORKERS): the workers that make a step")
-        if self.shard[1] > 1 and self.snapshot is not None and "{shard}" not in str(self.snapshot):
-            raise SettingsError(
-                f"with {self.shard[1]} shards every aggregator would write the snapshot {self.snapshot}: "
-                "put {shard} in its path, e.g. runs/aggregator-{shard}.snap"
-            )
         if self.metrics_port is not None and self.metrics_port + self.shard[0] > MAX_PORT:
             raise SettingsError(f"metrics port {self.metrics_port} + shard {self.shard[0]} is past {MAX_PORT}")
+
+    def check_sources(self, from_environment: set[str]) -> None:
+        """Refuse a snapshot path from the environment that every shard reading it would share."""
+        if "snapshot" in from_environment and self.shard[1] > 1 and "{shard}" not in str(self.snapshot):
+            raise SettingsError(
+                f"PSQ_SNAPSHOT={self.snapshot} is read by every shard's aggregator: put {{shard}} in it "
+                "(e.g. runs/aggregator-{shard}.snap), or give each its own --snapshot"
+            )
 
     @property
     def snapshot_path(self) -> Path | None:
@@ -304,13 +307,17 @@ def env_name(f: dataclasses.Field[Any]) -> str:
 
 def check_unambiguous(classes: tuple[type, ...]) -> None:
     """Refuse a variable that two roles would read for different things: one read by several
-    settings classes must be ``shared`` by each, with one parser."""
+    settings classes must be ``shared`` by each, with one parser and one default."""
     readers: dict[str, list[tuple[type, dataclasses.Field[Any]]]] = {}
     for cls in classes:
         for f in dataclasses.fields(cls):
             readers.setdefault(env_name(f), []).append((cls, f))
     for variable, fields in readers.items():
-        ok = all(f.metadata["shared"] for _, f in fields) and len({f.metadata["parse"] for _, f in fields}) == 1
+        ok = (
+            all(f.metadata["shared"] for _, f in fields)
+            and len({f.metadata["parse"] for _, f in fields}) == 1
+            and len({repr(f.default) for _, f in fields}) == 1  # unset, every role must agree too
+        )
         if len(fields) > 1 and not ok:
             roles = ", ".join(f"{cls.__name__}.{f.name}" for cls, f in fields)
             raise SettingsError(f"{variable} is read by {roles}: mark it shared, or give each its own variable")
@@ -350,7 +357,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
 def load(cls: type, flags: argparse.Namespace | Mapping[str, Any], environ: Mapping[str, str]) -> Any:
     """Build ``cls`` from parsed flags (already typed), then the environment, then defaults."""
     given = vars(flags) if isinstance(flags, argparse.Namespace) else dict(flags)
-    values = {}
+    values, from_environment = {}, set()
     for f in dataclasses.fields(cls):
         if given.get(f.name) is not None:
             values[f.name] = given[f.name]
@@ -359,7 +366,11 @@ def load(cls: type, flags: argparse.Namespace | Mapping[str, Any], environ: Mapp
                 values[f.name] = f.metadata["parse"](environ[env_name(f)])
             except SettingsError as exc:
                 raise SettingsError(f"{env_name(f)}: {exc}") from None
-    return cls(**values)
+            from_environment.add(f.name)
+    settings = cls(**values)
+    if hasattr(settings, "check_sources"):  # a rule about where a value came from
+        settings.check_sources(from_environment)
+    return settings
 
 
 def _argparse(f: dataclasses.Field[Any]) -> Callable[[str], Any]:

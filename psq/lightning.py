@@ -20,16 +20,19 @@ import torch.distributed as dist
 from lightning.pytorch.plugins import LayerSync
 from torch import nn
 
-from psq.config import DEFAULT_FRONTEND
+from psq.config import DEFAULT_FRONTEND, endpoint, name
 from psq.loop import WorkerLoop
 from psq.security import ClientKeys
-from psq.torch import PSBatchNorm, convert_batchnorm, revert_batchnorm
+from psq.torch import check_options, convert_batchnorm, revert_batchnorm
 
 log = logging.getLogger("psq.lightning")
 
 
 class PsqLayerSync(LayerSync):
     """Share every batch norm's statistics through psq instead of synchronizing them.
+
+    Lightning calls a layer-sync plugin under its DDP and FSDP strategies (``strategy="ddp"``);
+    a single-device run ignores it.
 
     ``frontend``, ``job``, ``keys`` and ``push_interval_s`` go to each rank's WorkerLoop;
     ``wait_for_service_s`` bounds how long :meth:`apply` waits for the statistics service (then
@@ -52,7 +55,14 @@ class PsqLayerSync(LayerSync):
         prefix: str = "",
         **options: Any,
     ) -> None:
-        PSBatchNorm(1, **options)  # refuses a bad option here, not in every rank's setup
+        # refused here, not in every rank's setup
+        check_options(options)
+        endpoint(frontend), name(job)
+        for what, value in (("wait_for_service_s", wait_for_service_s), ("flush_timeout_s", flush_timeout_s)):
+            if not 0 < value < float("inf"):
+                raise ValueError(f"{what} must be a positive number of seconds, got {value!r}")
+        if not 0 <= push_interval_s < float("inf"):
+            raise ValueError(f"push_interval_s must be a non-negative number of seconds, got {push_interval_s!r}")
         self.frontend, self.job, self.keys, self.push_interval_s = frontend, job, keys, push_interval_s
         self.wait_for_service_s, self.flush_timeout_s = wait_for_service_s, flush_timeout_s
         self.prefix, self.options = prefix, options

@@ -42,6 +42,7 @@ import numpy as np
 
 from psq.client import PushResult, Rejected, StatsClient, Unavailable
 from psq.config import DEFAULT_FRONTEND
+from psq.logs import Throttled
 from psq.security import ClientKeys
 from psq.stats import GradientMeans, Moments, pool_gradients
 
@@ -129,6 +130,7 @@ class WorkerLoop:
         self._outstanding = 0
         self._histories: dict[str, LayerHistory] = {}
         self._away = False
+        self._refusals = Throttled(log)  # a refusal repeats every step it stays true
         self._counters = {
             "steps": 0,
             "pushes": 0,
@@ -417,7 +419,7 @@ class WorkerLoop:
                 self._went_away(str(exc))
             except Rejected as exc:
                 self._counters["rejected"] += 1
-                log.error("psq: the aggregator refused step %d's statistics: %s", number, exc)
+                self._refusals.error(exc.code, "psq: the aggregator refused step %d's statistics: %s", number, exc)
         finally:
             with self._lock:
                 self._outstanding = max(0, self._outstanding - 1)
@@ -451,7 +453,9 @@ class WorkerLoop:
             return None
         except Rejected as exc:
             self._counters["rejected"] += 1
-            log.error("psq: the aggregator refused layer %s's statistics of step %d: %s", name, number, exc)
+            self._refusals.error(
+                (exc.code, name), "psq: the aggregator refused layer %s's statistics of step %d: %s", name, number, exc
+            )
             return None
         self._record(number, result)
         return result[name], result.complete

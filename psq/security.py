@@ -126,14 +126,16 @@ def handshake_failure(event: dict) -> str:
 class BrokerAuth:
     """The broker's keys and allow-lists, enforced by a ZAP authenticator thread."""
 
-    def __init__(self, secret_file: Path, worker_keys: Path, aggregator_keys: Path) -> None:
+    def __init__(
+        self, secret_file: Path, worker_keys: Path, aggregator_keys: Path, refusals: Throttled | None = None
+    ) -> None:
         self.public, self.secret = load_secret(secret_file)
         self.lists = {
             WORKERS_DOMAIN: (worker_keys, allowed_keys(worker_keys)),
             AGGREGATORS_DOMAIN: (aggregator_keys, allowed_keys(aggregator_keys)),
         }
         self._auth: ThreadAuthenticator | None = None
-        self._refusals = Throttled(log)
+        self._refusals = refusals or Throttled(log)  # the broker's, which its tick flushes
 
     def start(self, ctx: zmq.Context) -> None:
         self._auth = ThreadAuthenticator(ctx, log=logging.getLogger("psq.security.zap"))
@@ -161,7 +163,8 @@ class BrokerAuth:
             why = f"it is on the {elsewhere[0]} allow-list, not on the {domain} one"
         else:
             why = f"no key file in {folder} holds it"
+        # keyed by the reason, not the key: a stranger can make a fresh key for every attempt
         self._refusals.warning(
-            (domain, key), "broker: refused a connection to the %s side, key %s: %s", domain, key.decode(), why
+            ("zap", domain, why), "broker: refused a connection to the %s side, key %s: %s", domain, key.decode(), why
         )
         return False

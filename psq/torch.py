@@ -168,7 +168,7 @@ class PSBatchNorm(_BatchNorm):
         if not self.training or self.loop is None:  # nn.BatchNorm's own, with every option
             return super().forward(x)
         if x.numel() == 0:  # nothing to measure: no statistics sent, the history left alone
-            return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+            return self._empty(x)
         if torch.compiler.is_compiling():  # the loop's work runs in one operator
             return ops.train_forward(x, self.weight, self.bias, self._op)[0]
         if self.track_running_stats and self.num_batches_tracked is not None:
@@ -184,17 +184,24 @@ class PSBatchNorm(_BatchNorm):
             return self._sync_forward(x, count, apply)
         self.loop.enter(self.name)
         h = self._fresh_history(x)
-        if h is None and count == 1:
-            raise ValueError(
-                f"Expected more than 1 value per channel when training, got input size {x.size()} "
-                "(psq normalizes such a batch with the cluster's history once the layer has one)"
-            )
+        if count == 1 and (h is None or not self.history_weight):
+            raise _one_value_error(x)
         blend = Blend() if h is None else self._blend_with(h, count)
         y, mean_b, var_b = apply(x, blend)
         self.loop.submit(self.name, _submission(count, mean_b, var_b, images=float(x.size(0))))
         if h is None:  # no cluster statistics: keep running ones as nn.BatchNorm does
             self._momentum_update(mean_b, var_b, count)
         return y
+
+    def _empty(self, x: torch.Tensor) -> torch.Tensor:
+        """The empty output of an empty batch, still connected to γ and β for autograd."""
+        if self.loop is not None and self.loop.mode == "sync":
+            # every worker's step must arrive for the others' to complete: skipping one would
+            # shift this worker's step numbers from theirs for the rest of the job
+            raise ValueError(
+                "an empty batch in sync mode: every worker must send each step; use async mode, which skips the batch"
+            )
+        return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
 
     def _eager(self, x: torch.Tensor, blend: Blend) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return BlendedNorm.apply(x, self.weight, self.bias, blend, self.eps, self.gradient, self.gradient_sink())
@@ -283,16 +290,22 @@ class PSBatchNorm(_BatchNorm):
         answer = self.loop.exchange(self.name, _submission(count, mean_b, var_b, images=float(x.size(0))))
         own = Moments(count, mean_b.cpu().double().numpy(), var_b.cpu().double().numpy())
         # An incomplete answer (the step timed out, or this push came late) may not contain this
-        # batch: removing it would extrapolate.  Batch statistics are the safe answer then.
-        if answer is None or not answer[1] or float(answer[0].count) <= count:
+        # batch: removing it would extrapolate; another layer's statistics are never applied.
+        # Batch statistics are the safe answer then.
+        if (
+            answer is None
+            or not answer[1]
+            or float(answer[0].count) <= count
+            or np.asarray(answer[0].mean).size != self.num_features
+        ):
+            if count == 1:
+                raise _one_value_error(x)
             y, mean_b, var_b = apply(x, Blend())
             self._momentum_update(mean_b, var_b, count)
             return y
         pooled = Moments(
             float(answer[0].count), np.asarray(answer[0].mean, np.float64), np.asarray(answer[0].var, np.float64)
         )
-        if pooled.mean.size != self.num_features:  # another layer's statistics: never applied
-            return apply(x, Blend())[0]
         others = remove(pooled, own)
         share = float(others.count) / float(pooled.count)
         to = dict(dtype=mean_b.dtype, device=mean_b.device)
@@ -339,6 +352,13 @@ class _DeviceHistory:
             self._copied.record()
         self.version, self.seen, self.count = h.version, h.seen, float(h.moments.count)
         self.gradient_count = float(g.count) if g is not None else 0.0
+
+
+def _one_value_error(x: torch.Tensor) -> ValueError:
+    return ValueError(
+        f"Expected more than 1 value per channel when training, got input size {x.size()} "
+        "(psq normalizes such a batch with the cluster's history once the layer has one)"
+    )
 
 
 def _submission(count: float, mean: torch.Tensor, var: torch.Tensor, images: float | None = None) -> Submission:
@@ -402,6 +422,7 @@ def convert_batchnorm(module: nn.Module, loop: WorkerLoop | None, prefix: str = 
     one loop (a GAN's two, a teacher and a student) each take their own ``prefix``: a name
     another live layer holds on ``loop`` is refused before anything is replaced.  ``options``
     go to PSBatchNorm (``history_weight``, ``max_staleness``, ...).  Returns the converted module."""
+    check_options(options)
     found = dict(_batchnorms(module, prefix))
     taken = _NAMES.get(loop, {}) if loop is not None else {}
     clashes = sorted(name for name in found if name in taken)
@@ -414,6 +435,21 @@ def convert_batchnorm(module: nn.Module, loop: WorkerLoop | None, prefix: str = 
         if isinstance(bn, nn.modules.lazy.LazyModuleMixin) and bn.has_uninitialized_params():
             raise ValueError(f"{name}: a lazy batch norm has no channels yet; run one forward pass, then convert")
     return _convert(module, loop, prefix, "", options)
+
+
+PSQ_OPTIONS = ("history_weight", "gradient_history_weight", "warmup_images", "gradient", "max_staleness")
+
+
+def check_options(options: dict[str, Any]) -> None:
+    """Refuse what ``convert_batchnorm`` cannot pass on: its layers take every batch-norm option
+    from the layer they replace, and psq's own from ``options``, each checked as PSBatchNorm does."""
+    unknown = sorted(set(options) - set(PSQ_OPTIONS))
+    if unknown:
+        raise TypeError(
+            f"convert_batchnorm takes psq's options ({', '.join(PSQ_OPTIONS)}), not {', '.join(unknown)}: "
+            "the other batch-norm options come from each converted layer"
+        )
+    PSBatchNorm(1, **options)
 
 
 def _batchnorms(module: nn.Module, prefix: str) -> Iterator[tuple[str, _BatchNorm]]:
@@ -463,6 +499,8 @@ def revert_batchnorm(module: nn.Module) -> nn.Module:
             **_bias_option(module.bias is not None or not module.affine),
             **_placement(module),
         )
+        if module.affine and module.bias is None and not _TORCH_HAS_BIAS:
+            out.register_parameter("bias", None)
         module._fill_buffers()  # the cluster's latest history, not what the buffers held last
         _copy_state(module, out)
         _release(module)

@@ -134,6 +134,15 @@ def test_an_empty_batch_returns_the_empty_output_and_sends_nothing(cluster):
         assert loop.history("bn") is before and loop.summary()["pushes"] == 1
 
 
+def test_an_empty_batch_in_sync_mode_is_refused_rather_than_shifting_the_steps(cluster):
+    c = cluster(1, "--mode", "sync", "--sync-workers", "1")
+    with WorkerLoop(c.endpoints.frontend, job="empty-sync", worker="w0", mode="sync") as loop:
+        layer = PSBatchNorm(3, name="bn", loop=loop)
+        with pytest.raises(ValueError, match="an empty batch in sync mode: every worker must send each step"):
+            layer(torch.randn(0, 3, 5))
+        assert layer(torch.randn(4, 3, 5)).shape == (4, 3, 5)
+
+
 def test_one_value_per_channel_normalizes_with_the_history_and_raises_without_one(cluster):
     c = cluster(1)
     with WorkerLoop(c.endpoints.frontend, job="single", worker="w0", dtype="<f8") as loop:
@@ -149,6 +158,11 @@ def test_one_value_per_channel_normalizes_with_the_history_and_raises_without_on
         y = layer(one)
         want = (one - torch.from_numpy(h.mean)) / torch.sqrt(torch.from_numpy(h.var) + layer.eps)
         torch.testing.assert_close(y, want * layer.weight + layer.bias)
+        plain = PSBatchNorm(3, name="plain", loop=loop, history_weight=0.0).double()
+        plain(torch.randn(8, 3, dtype=torch.float64))
+        assert loop.flush(10) and loop.history("plain") is not None
+        with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+            plain(one)  # history weight 0 is nn.BatchNorm1d, history or not
 
 
 def discriminator() -> nn.Module:
@@ -201,6 +215,32 @@ def test_a_layer_never_applies_a_history_of_another_shape(cluster):
             torch.testing.assert_close(layer(x), plain(x))
             assert b.flush(10)
         assert b.summary()["rejected"] >= 1 and b.history("bn") is None
+
+
+def test_a_history_of_another_shape_left_on_the_loop_is_never_applied(cluster):
+    """A reverted model frees its names, but the loop keeps their last history: a new layer of
+    another shape under an old name trains and evaluates on its own statistics."""
+    c = cluster(1, "--half-life", "1e12")
+    with WorkerLoop(c.endpoints.frontend, job="reuse", worker="w0", dtype="<f8") as loop:
+        old = convert_batchnorm(nn.Sequential(nn.BatchNorm1d(6)), loop)
+        old(torch.randn(8, 6, dtype=torch.float32))
+        assert loop.flush(10) and loop.history("0").moments.mean.size == 6
+        revert_batchnorm(old)
+        new, plain = convert_batchnorm(nn.Sequential(nn.BatchNorm1d(4)), loop), nn.BatchNorm1d(4)
+        for _ in range(3):
+            x = torch.randn(8, 4)
+            torch.testing.assert_close(new(x), plain(x))
+            loop.flush(10)
+        assert loop.history("0").moments.mean.size == 6  # the aggregator refused the new layout
+        new.eval(), plain.eval()
+        torch.testing.assert_close(new[0].running_mean, plain.running_mean)  # not the old history
+
+
+def test_convert_refuses_options_the_converted_layers_take_from_the_model():
+    with pytest.raises(TypeError, match=r"takes psq's options .* not eps, momentum"):
+        convert_batchnorm(nn.BatchNorm2d(3), None, momentum=0.2, eps=1e-3)
+    with pytest.raises(ValueError, match=r"history_weight must be in \[0, 1\)"):
+        convert_batchnorm(nn.BatchNorm2d(3), None, history_weight=1.5)
 
 
 def test_an_uninitialized_lazy_batch_norm_is_refused_with_what_to_do():

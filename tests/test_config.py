@@ -60,10 +60,13 @@ def test_one_environment_configures_every_role_without_collisions():
     assert trainer.workers == 4 and shards[0].sync_workers is None  # PSQ_WORKERS is the trainer's alone
 
 
-def test_shards_sharing_a_snapshot_path_without_its_placeholder_are_refused():
-    with pytest.raises(SettingsError, match=r"put \{shard\} in its path"):
-        parse(AggregatorSettings, ["--shard", "1/2", "--snapshot", "runs/agg.snap"], {})
-    assert parse(AggregatorSettings, ["--snapshot", "runs/agg.snap"], {}).snapshot_path == Path("runs/agg.snap")
+def test_shards_sharing_a_snapshot_path_from_the_environment_need_its_placeholder():
+    with pytest.raises(SettingsError, match=r"PSQ_SNAPSHOT=runs/agg.snap is read by every shard's aggregator"):
+        parse(AggregatorSettings, ["--shard", "1/2"], {"PSQ_SNAPSHOT": "runs/agg.snap"})
+    # one shard, or a path of each aggregator's own on its command line, is fine
+    assert parse(AggregatorSettings, [], {"PSQ_SNAPSHOT": "runs/agg.snap"}).snapshot_path == Path("runs/agg.snap")
+    own = parse(AggregatorSettings, ["--shard", "1/2", "--snapshot", "runs/agg-1.snap"], {"PSQ_SNAPSHOT": "x"})
+    assert own.snapshot_path == Path("runs/agg-1.snap")
     with pytest.raises(SettingsError, match="metrics port 65535 \\+ shard 1 is past 65535"):
         parse(AggregatorSettings, ["--shard", "1/2", "--metrics-port", "65535"], {})
 
@@ -87,9 +90,15 @@ def test_a_variable_two_roles_would_read_differently_is_refused():
     class Same:
         port: int = setting(2, "the same port", config.positive_int, shared=True)
 
+    @dataclass(frozen=True)
+    class SameOtherDefault:
+        port: int = setting(3, "the same port", config.positive_int, shared=True)
+
     with pytest.raises(SettingsError, match=r"PSQ_PORT is read by One\.port, Other\.port: mark it shared"):
         config.check_unambiguous((One, Other))
     with pytest.raises(SettingsError, match="PSQ_PORT is read by"):
         config.check_unambiguous((One, Same))  # shared on one side only
+    with pytest.raises(SettingsError, match="PSQ_PORT is read by"):
+        config.check_unambiguous((Same, SameOtherDefault))  # unset, the two would differ
     config.check_unambiguous((Same, Same))
     config.check_unambiguous(config.SETTINGS)

@@ -17,6 +17,7 @@ from psq.lightning import PsqLayerSync
 from psq.torch import PSBatchNorm
 
 
+@pytest.mark.timeout(300)
 def test_lightning_ddp_trains_with_psq_and_ends_with_plain_batchnorm_holding_the_cluster_history(cluster, tmp_path):
     c = cluster(1)
     env = {**os.environ, "PSQ_FRONTEND": c.endpoints.frontend, "PYTHONUNBUFFERED": "1"}
@@ -54,12 +55,20 @@ def test_apply_and_revert_without_a_trainer(cluster):
     h = sync.loop.history("student.1").moments
     np.testing.assert_allclose(model[1].running_mean.numpy(), h.mean, rtol=1e-6)
     assert sync.loop.summary()["answered"] >= 2
-    assert sync.apply(nn.Sequential(nn.BatchNorm1d(2)))[0].loop is sync.loop  # a second fit
+    first = sync.loop
+    second = sync.apply(nn.Sequential(nn.BatchNorm1d(2)))[0].loop  # a second fit: a fresh loop
+    assert second is sync.loop and second is not first and second.summary()["steps"] == 0
     sync.revert(nn.Sequential())
 
 
 def test_a_bad_option_is_refused_when_the_plugin_is_made():
     with pytest.raises(ValueError, match=r"history_weight must be in \[0, 1\)"):
         PsqLayerSync(job="j", history_weight=2.0)
-    with pytest.raises(TypeError, match="unexpected keyword argument 'histroy_weight'"):
+    with pytest.raises(TypeError, match=r"takes psq's options .* not histroy_weight"):
         PsqLayerSync(job="j", histroy_weight=0.5)
+    with pytest.raises(TypeError, match="not momentum: the other batch-norm options come from each converted layer"):
+        PsqLayerSync(job="j", momentum=0.2)
+    with pytest.raises(ValueError, match="expected a ZeroMQ endpoint"):
+        PsqLayerSync("localhost:5555", job="j")
+    with pytest.raises(ValueError, match="wait_for_service_s must be a positive number"):
+        PsqLayerSync(job="j", wait_for_service_s=0)

@@ -44,3 +44,21 @@ def test_each_key_has_its_own_interval_and_the_keys_remembered_are_bounded(throt
     assert log.warning("b", "refused %s", "b") and not log.warning("a", "refused %s", "a")
     assert len(log._last) == 3
     assert [r.getMessage() for r in caplog.records] == ["refused a", "refused b", "refused c", "refused d", "refused b"]
+
+
+def test_flush_reports_the_count_once_the_repeats_stop_and_an_evicted_key_reports_its_own(throttled):
+    log, clock, caplog = throttled
+    log.warning("a", "refused %s", "a")
+    log.warning("a", "refused %s", "a")
+    log.warning("a", "refused %s", "a")
+    log.flush()  # the interval is not over: nothing yet
+    clock.now = 10.0
+    log.flush()
+    log.flush()  # said once
+    log.warning("b", "refused %s", "b")
+    log.warning("b", "refused %s", "b")
+    for key in ("c", "d", "e"):  # "a" then "b" are pushed out; "b" had a repeat to report
+        log.warning(key, "refused %s", key)
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[:2] == ["refused a", "refused a (2 more like it in the last 10 s)"]
+    assert "refused b (1 more like it in the last 0 s)" in messages and len(messages) == 7

@@ -81,6 +81,7 @@ def test_the_statistics_example_runs():
     assert out.returncode == 0, out.stderr
 
 
+@pytest.mark.timeout(300)
 def test_the_asyncio_and_accelerate_examples_train_against_a_live_service(cluster, tmp_path):
     frontend = cluster(1).endpoints.frontend
     answered = re.fullmatch(r"asyncio: (\d+) answers\n", run_example("asyncio", tmp_path, frontend))
@@ -90,6 +91,7 @@ def test_the_asyncio_and_accelerate_examples_train_against_a_live_service(cluste
     assert sorted(r for r, _ in ranks) == ["0", "1"] and all(int(n) >= 1 for _, n in ranks), out
 
 
+@pytest.mark.timeout(300)
 def test_the_lightning_example_trains_on_two_processes_and_ends_with_plain_batchnorm(cluster, tmp_path):
     out = run_example("lightning", tmp_path, cluster(1).endpoints.frontend)
     ranks = re.findall(r"rank (\d): BatchNorm1d, (\d+) answers", out)
@@ -104,6 +106,7 @@ def _live_shards(frontend: str, keys: ClientKeys) -> set[int]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(400)
 def test_the_multi_host_recipe_runs_as_written(tmp_path):
     """The service host's block on 127.0.0.2, two training hosts as two torchrun nodes meeting on
     127.0.0.4, free ports for the recipe's: with keys, one .env, two shards, both metrics ports."""

@@ -204,19 +204,18 @@ def test_bad_trainer_settings_are_refused():
 
 def test_bench_accuracy_writes_its_table_and_plot(tmp_path):
     quick = ["--settings", "a", "--seeds", "1", "--epochs", "1", "--max-steps-per-epoch", "30"]
-    methods = ["--methods", "local", "syncbn", "psq:gradient=renorm"]  # the defaults' paths, one run less
+    methods = ["--methods", "local", "syncbn", "psq"]  # psq-renorm is psq with one option: one run less
     out = run_psq("bench", "accuracy", *quick, *methods, "--out", str(tmp_path), "--json", timeout_s=600)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert [row[1] for row in result["rows"]][:2] == ["local", "syncbn"] and len(result["rows"]) == 3
+    assert [row[1] for row in result["rows"]] == ["local", "syncbn", "psq"]
     assert all(re.fullmatch(r"\d+\.\d\d ± \d+\.\d\d", row[2]) for row in result["rows"])
     assert result["rows"][1][3] == "+0.00" and result["rows"][0][6] == 1.0  # against syncbn, against local
     png = tmp_path / "accuracy.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     runs = json.loads((tmp_path / "accuracy.json").read_text())
-    assert len(runs) == 3 and {"a/local", "a/syncbn"} <= set(runs)
-    (psq_run,) = (v for k, v in runs.items() if k not in ("a/local", "a/syncbn"))
-    assert psq_run[0]["settings"]["gradient"] == "renorm" and psq_run[0]["settings"]["norm"] == "psq"
+    assert set(runs) == {"a/local", "a/syncbn", "a/psq"}
+    assert runs["a/psq"][0]["settings"]["gradient"] == "cluster" and runs["a/psq"][0]["settings"]["norm"] == "psq"
 
 
 def test_accuracy_bench_methods_and_variants_are_parsed_and_checked():
