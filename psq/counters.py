@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import bisect
 from collections import Counter, deque
+from dataclasses import asdict, dataclass
+from typing import Any
 
 
 class Counters:
@@ -61,3 +63,29 @@ class Histogram:
             running += count
             out.append((edge, running))
         return out
+
+
+@dataclass
+class LoopCounters:
+    """A worker loop's counts: its pushes and what became of them, the gradient statistics it
+    left out, and how stale the histories its layers used were."""
+
+    pushes: int = 0
+    answered: int = 0
+    unavailable: int = 0
+    rejected: int = 0
+    nonfinite_gradients: int = 0
+    staleness_waits: int = 0
+    staleness_timeouts: int = 0
+    staleness_sum: int = 0
+    staleness_n: int = 0
+
+    def note_staleness(self, steps: int) -> None:
+        self.staleness_sum += steps
+        self.staleness_n += 1
+
+    def summary(self, steps: int) -> dict[str, Any]:
+        """The counts after ``steps`` closed steps, with the mean staleness (None before any)."""
+        counts = asdict(self)
+        total, n = counts.pop("staleness_sum"), counts.pop("staleness_n")
+        return {"steps": steps, **counts, "mean_staleness_steps": total / n if n else None}

@@ -34,7 +34,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,9 +42,12 @@ import numpy as np
 
 from psq.client import PushResult, Rejected, StatsClient, Unavailable
 from psq.config import DEFAULT_FRONTEND
+from psq.counters import LoopCounters
 from psq.logs import Throttled
+from psq.loop_thread import LoopThread, run_threadsafe
 from psq.security import ClientKeys
 from psq.stats import GradientMeans, Moments, pool_gradients
+from psq.steps import ClosedStep, ExchangeSteps, StepBook
 
 log = logging.getLogger("psq.loop")
 
@@ -118,90 +121,45 @@ class WorkerLoop:
         if dtype not in ("<f4", "<f8"):
             raise ValueError(f"dtype must be '<f4' or '<f8', got {dtype!r}")
         self.frontend, self.job, self.worker, self.mode = frontend, job, worker, mode
-        self.timeout_s, self.retries, self.dtype, self.auto_step = timeout_s, retries, dtype, auto_step
+        self.timeout_s, self.retries, self.dtype = timeout_s, retries, dtype
         self.sync_timeout_s, self.staleness_timeout_s = sync_timeout_s, staleness_timeout_s
         self.push_interval_s = push_interval_s
         self.keys = keys
-        self._lock = threading.Condition()
-        self._current: dict[str, Submission] = {}
-        self._gradients: dict[str, list[GradientSubmission]] = {}  # the current step's backward
-        self._exchanged: set[str] = set()  # sync mode: layers that exchanged in this step
-        self._step = 0
-        self._outstanding = 0
+        self._lock = threading.Condition()  # guards the steps, the histories and _outstanding
+        self._steps: StepBook[Submission, GradientSubmission] = StepBook(auto_step)
+        self._exchanges = ExchangeSteps()
+        self._outstanding = 0  # steps handed to the event loop and not yet answered or given up
         self._histories: dict[str, LayerHistory] = {}
+        self._counters = LoopCounters()
         self._away = False
         self._refusals = Throttled(log)  # a refusal repeats every step it stays true
-        self._counters = {
-            "steps": 0,
-            "pushes": 0,
-            "answered": 0,
-            "unavailable": 0,
-            "rejected": 0,
-            "nonfinite_gradients": 0,
-            "staleness_waits": 0,
-            "staleness_timeouts": 0,
-            "staleness_sum": 0,
-            "staleness_n": 0,
-        }
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # where the client runs
         self._client: StatsClient | None = None
-        self._thread: threading.Thread | None = None
-        self._stopping: asyncio.Event | None = None
+        self._host = LoopThread(f"psq-{worker}")
         self._tasks: set[asyncio.Task[Any]] = set()
         self._pid = os.getpid()
-        self._failed: BaseException | None = None  # why the background thread could not start
         _LOOPS.add(self)
+
+    @property
+    def auto_step(self) -> bool:
+        return self._steps.auto_step
 
     # -- running on a background thread --------------------------------------------------------
 
     def start(self, timeout_s: float = 10.0) -> WorkerLoop:
         """Start the background thread; returns once its client is open."""
-        if self._thread is not None:
-            raise RuntimeError("this WorkerLoop is already started")
-        ready = threading.Event()
-        self._failed = None
-        self._thread = threading.Thread(target=self._run_thread, args=(ready,), name=f"psq-{self.worker}", daemon=True)
-        self._thread.start()
-        if not ready.wait(timeout_s):
-            raise RuntimeError(f"the WorkerLoop thread did not start within {timeout_s} s")
-        if self._failed is not None:  # the thread's own error, not a generic timeout
-            self._thread = None
-            raise self._failed
+        self._host.start(self._open, self._close, timeout_s)
         return self
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Close the client and end the thread (pending pushes are given up)."""
-        if self._thread is None:
-            return
-        if self._loop is not None and self._stopping is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._stopping.set)
-        self._thread.join(timeout_s)
-        if self._thread.is_alive():
-            log.error("psq: the WorkerLoop thread did not end within %.1f s", timeout_s)
-        self._thread = None
+        self._host.stop(timeout_s)
 
     def __enter__(self) -> WorkerLoop:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-    def _run_thread(self, ready: threading.Event) -> None:
-        asyncio.run(self._serve(ready))
-
-    async def _serve(self, ready: threading.Event) -> None:
-        try:
-            await self._open()
-        except Exception as exc:  # handed to start(), which raises it on the caller's thread
-            self._failed = exc
-            ready.set()
-            return
-        assert self._stopping is not None
-        ready.set()
-        try:
-            await self._stopping.wait()
-        finally:
-            await self._close()
 
     # -- running inside the trainer's asyncio loop ----------------------------------------------
 
@@ -214,7 +172,6 @@ class WorkerLoop:
 
     async def _open(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._stopping = asyncio.Event()
         timeout_s = max(self.timeout_s, self.sync_timeout_s + 1.0) if self.mode == "sync" else self.timeout_s
         # In async mode a minimum interval between pushes bounds the message rate of a fast trainer:
         # the steps in between are merged, not dropped.  Sync mode must send every exchange at once.
@@ -245,24 +202,21 @@ class WorkerLoop:
 
     @property
     def current_step(self) -> int:
-        return self._step
+        return self._exchanges.number if self.mode == "sync" else self._steps.number
 
     def enter(self, name: str) -> None:
         """A layer begins its forward: if it already reported in the current step, that step is
         over (closed and pushed), so the layer measures staleness against the new step."""
         self._check_process()
         with self._lock:
-            if name in self._current and self.auto_step:
-                self._close_step()
+            self._hand_over(self._steps.enter(name))
 
     def submit(self, name: str, stats: Submission) -> None:
         """Add one layer's statistics to the current step (closing it first, as :meth:`enter`,
         if the layer already reported in it); never waits."""
         self._check_process()
         with self._lock:
-            if name in self._current and self.auto_step:
-                self._close_step()
-            self._current[name] = stats
+            self._hand_over(self._steps.submit(name, stats))
 
     def submit_gradient(self, name: str, stats: GradientSubmission) -> None:
         """Add one layer's backward statistics to the current step; never waits.  A layer's
@@ -271,32 +225,23 @@ class WorkerLoop:
         step into the next one, which costs nothing but their step label."""
         self._check_process()
         with self._lock:
-            self._gradients.setdefault(name, []).append(stats)
+            self._steps.submit_gradient(name, stats)
 
     def step(self) -> int:
         """Close the current step and push it in the background; returns its number."""
         self._check_process()
         with self._lock:
-            return self._close_step()
+            closed = self._steps.close()
+            self._hand_over(closed)
+            return closed.number
 
-    def _close_step(self) -> int:
-        entries, number = self._current, self._step
-        self._current = {}
-        self._exchanged = set()
-        self._step += 1
-        self._counters["steps"] += 1
-        if not entries:  # gradients without a forward (step() between them): they join the next step
-            return number
-        gradients, self._gradients = self._gradients, {}
+    def _hand_over(self, closed: ClosedStep[Submission, GradientSubmission] | None) -> None:
+        """Push a closed step on the event loop (called with the lock held)."""
+        if closed is None or not closed.entries:
+            return
         if self._loop is not None and self._client is not None:
             self._outstanding += 1
-            self._loop.call_soon_threadsafe(self._spawn, self._push(number, entries, gradients))
-        return number
-
-    def _push_open_step(self) -> None:
-        with self._lock:
-            if self._current:
-                self._close_step()
+            self._loop.call_soon_threadsafe(self._spawn, self._push(closed))
 
     def history(self, name: str) -> LayerHistory | None:
         """The latest history of a layer (None before the first answer)."""
@@ -304,59 +249,48 @@ class WorkerLoop:
 
     def note_staleness(self, steps: int) -> None:
         """Record how old (in steps) the history a layer normalized with was."""
-        self._counters["staleness_sum"] += steps
-        self._counters["staleness_n"] += 1
+        self._counters.note_staleness(steps)
 
     def wait_fresh(self, name: str, min_step: int) -> None:
         """Wait (up to ``staleness_timeout_s``) for history of ``name`` from ``min_step`` or later,
         as long as a push that could bring it is still on its way.  Goes on regardless."""
         self._forbid_loop_thread("wait for fresher history")
-        deadline = time.monotonic() + self.staleness_timeout_s
+
+        def fresh_or_hopeless() -> bool:
+            h = self._histories.get(name)
+            return self._outstanding == 0 or (h is not None and h.step >= min_step)
+
         with self._lock:
-            self._counters["staleness_waits"] += 1
-            while self._outstanding > 0:
-                h = self._histories.get(name)
-                if h is not None and h.step >= min_step:
-                    return
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    self._counters["staleness_timeouts"] += 1
-                    return
-                self._lock.wait(left)
+            self._counters.staleness_waits += 1
+            if not self._lock.wait_for(fresh_or_hopeless, self.staleness_timeout_s):
+                self._counters.staleness_timeouts += 1
 
     def exchange(self, name: str, stats: Submission) -> tuple[Moments, bool] | None:
         """Sync mode: push one layer's statistics for the current step and wait for the pooled
         statistics of every worker's step; ``(pooled, complete)``, or None when unreachable."""
         self._check_process()
         self._forbid_loop_thread("wait for the pooled statistics of the step")
-        if self._loop is None or self._client is None:
-            raise RuntimeError("the WorkerLoop is not running: start() it, or enter it with 'async with'")
+        loop = self._running()
         with self._lock:
-            if name in self._exchanged:  # this layer's second forward: a new step began
-                self._step += 1
-                self._counters["steps"] += 1
-                self._exchanged.clear()
-            self._exchanged.add(name)
-            number = self._step
-        future = asyncio.run_coroutine_threadsafe(self._exchange(name, number, stats), self._loop)
+            number = self._exchanges.begin(name)
         try:
-            return future.result(self.sync_timeout_s + 2 * self.timeout_s + 5.0)
+            return run_threadsafe(
+                loop, self._exchange(name, number, stats), self.sync_timeout_s + 2 * self.timeout_s + 5.0
+            )
         except concurrent.futures.TimeoutError:
-            future.cancel()
             self._went_away("no pooled statistics in time")
             return None
 
     def wait_ready(self, timeout_s: float) -> bool:
         """Wait until the broker names a live shard table (True), or ``timeout_s`` passes."""
         self._forbid_loop_thread("wait for the statistics service")
-        if self._loop is None or self._client is None:
-            raise RuntimeError("the WorkerLoop is not running: start() it first")
+        loop = self._running()
+        assert self._client is not None
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            future = asyncio.run_coroutine_threadsafe(self._client.shard_count(), self._loop)
             try:
                 # shard_count is itself bounded by the client's retries; this only guards against a stall
-                future.result(self.timeout_s * (self.retries + 2) + 5.0)
+                run_threadsafe(loop, self._client.shard_count(), self.timeout_s * (self.retries + 2) + 5.0)
                 return True
             except (Unavailable, Rejected, concurrent.futures.TimeoutError):
                 time.sleep(min(0.2, max(deadline - time.monotonic(), 0.0)))
@@ -365,31 +299,30 @@ class WorkerLoop:
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Wait until every pushed step is answered (or given up); False on timeout."""
         self._forbid_loop_thread("flush")
-        self._push_open_step()
-        deadline = time.monotonic() + timeout_s
         with self._lock:
-            while self._outstanding > 0:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._lock.wait(left)
-        return True
+            self._push_open_step()
+            return self._lock.wait_for(lambda: self._outstanding == 0, timeout_s)
 
     async def aflush(self, timeout_s: float = 10.0) -> bool:
         """:meth:`flush` for code running in the loop's own thread."""
-        self._push_open_step()
+        with self._lock:
+            self._push_open_step()
         deadline = time.monotonic() + timeout_s
-        while self._outstanding > 0 and time.monotonic() < deadline:
-            await asyncio.sleep(0.001)
+        await asyncio.sleep(0)  # the pushes just handed over become tasks
+        while self._outstanding > 0 and self._tasks and (left := deadline - time.monotonic()) > 0:
+            await asyncio.wait(list(self._tasks), timeout=left)
+            await asyncio.sleep(0)
         return self._outstanding == 0
 
+    def _push_open_step(self) -> None:
+        if self._steps.is_open:
+            self._hand_over(self._steps.close())
+
     def summary(self) -> dict[str, Any]:
-        c = dict(self._counters)
-        n = c.pop("staleness_n")
-        c["mean_staleness_steps"] = c.pop("staleness_sum") / n if n else None
+        summary = self._counters.summary(self._steps.number + self._exchanges.number)
         if self._client is not None:
-            c["client"] = dict(self._client.stats)
-        return c
+            summary["client"] = dict(self._client.stats)
+        return summary
 
     # -- on the loop ------------------------------------------------------------------------------
 
@@ -398,34 +331,56 @@ class WorkerLoop:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _push(
-        self, number: int, entries: dict[str, Submission], gradients: dict[str, list[GradientSubmission]]
-    ) -> None:
+    async def _push(self, closed: ClosedStep[Submission, GradientSubmission]) -> None:
         try:
+            number, entries, gradients = closed.number, closed.entries, closed.gradients
             if not await self._landed([*entries.values(), *(g for gs in gradients.values() for g in gs)], number):
                 return
             stats = {name: Moments(s.count, s.mean, s.var) for name, s in entries.items()}
             images = {name: s.images for name, s in entries.items() if s.images is not None}
             grads = self._finite(number, gradients) if gradients else None
-            self._counters["pushes"] += 1
-            assert self._client is not None
-            try:
-                result = await self._client.push(number, stats, self.dtype, images=images, gradients=grads)
-                self._record(number, result)
-            except Unavailable as exc:
-                self._counters["unavailable"] += 1
-                if exc.partial is not None:
-                    self._record(number, exc.partial, back=False)
-                self._went_away(str(exc))
-            except Rejected as exc:
-                self._counters["rejected"] += 1
-                self._refusals.error(exc.code, "psq: the aggregator refused step %d's statistics: %s", number, exc)
+            await self._send(number, stats, images, grads, f"step {number}'s statistics")
         finally:
             with self._lock:
                 self._outstanding = max(0, self._outstanding - 1)
                 self._lock.notify_all()
 
-    def _finite(self, number: int, gradients: dict[str, list[GradientSubmission]]) -> dict[str, GradientMeans]:
+    async def _exchange(self, name: str, number: int, stats: Submission) -> tuple[Moments, bool] | None:
+        if not await self._landed([stats], number):
+            return None
+        images = {name: stats.images} if stats.images is not None else {}
+        moments = {name: Moments(stats.count, stats.mean, stats.var)}
+        result = await self._send(number, moments, images, None, f"layer {name}'s statistics of step {number}")
+        return None if result is None else (result[name], result.complete)
+
+    async def _send(
+        self,
+        number: int,
+        stats: Mapping[str, Moments],
+        images: Mapping[str, float],
+        gradients: Mapping[str, GradientMeans] | None,
+        what: str,
+    ) -> PushResult | None:
+        """Push and keep the history that comes back; None, counted and logged, when the
+        service is away or refuses."""
+        assert self._client is not None
+        self._counters.pushes += 1
+        try:
+            result = await self._client.push(number, stats, self.dtype, images=images, gradients=gradients)
+        except Unavailable as exc:
+            self._counters.unavailable += 1
+            if exc.partial is not None:
+                self._record(number, exc.partial, back=False)
+            self._went_away(str(exc))
+            return None
+        except Rejected as exc:
+            self._counters.rejected += 1
+            self._refusals.error((exc.code, what), "psq: the aggregator refused %s: %s", what, exc)
+            return None
+        self._record(number, result)
+        return result
+
+    def _finite(self, number: int, gradients: Mapping[str, list[GradientSubmission]]) -> dict[str, GradientMeans]:
         """Each layer's backward statistics of the step, pooled; those with NaN or infinity left
         out (a mixed-precision step whose loss scale overflowed: its moments still go)."""
         out = {}
@@ -434,35 +389,14 @@ class WorkerLoop:
             if np.isfinite(pooled.dy).all() and np.isfinite(pooled.dy_xhat).all():
                 out[name] = pooled
             else:
-                self._counters["nonfinite_gradients"] += 1
+                self._counters.nonfinite_gradients += 1
                 log.debug("psq: step %d's gradient statistics of %s are not finite; not sent", number, name)
         return out
 
-    async def _exchange(self, name: str, number: int, stats: Submission) -> tuple[Moments, bool] | None:
-        if not await self._landed([stats], number):
-            return None
-        assert self._client is not None
-        self._counters["pushes"] += 1
-        images = {name: stats.images} if stats.images is not None else None
-        moments = {name: Moments(stats.count, stats.mean, stats.var)}
-        try:
-            result = await self._client.push(number, moments, self.dtype, images=images)
-        except Unavailable as exc:
-            self._counters["unavailable"] += 1
-            self._went_away(str(exc))
-            return None
-        except Rejected as exc:
-            self._counters["rejected"] += 1
-            self._refusals.error(
-                (exc.code, name), "psq: the aggregator refused layer %s's statistics of step %d: %s", name, number, exc
-            )
-            return None
-        self._record(number, result)
-        return result[name], result.complete
-
     async def _landed(self, entries: list[Submission | GradientSubmission], number: int) -> bool:
-        """Wait for device copies, polling so the event loop stays free; False (the step is
-        dropped, not pushed half-copied) if they have not landed after ``LANDING_TIMEOUT_S``."""
+        """Wait for device copies, polling (a CUDA event cannot be awaited) so the event loop
+        stays free; False (the step is dropped, not pushed half-copied) if they have not landed
+        after ``LANDING_TIMEOUT_S``."""
         deadline = time.monotonic() + LANDING_TIMEOUT_S
         for s in entries:
             while s.ready is not None and not s.ready():
@@ -479,7 +413,7 @@ class WorkerLoop:
     def _record(self, number: int, result: PushResult, back: bool = True) -> None:
         """Keep the history a reply carried (``back``: a complete answer, not a partial one)."""
         if back:
-            self._counters["answered"] += 1
+            self._counters.answered += 1
         versions = result.versions
         with self._lock:
             # Replies of a shard arrive in order (one request in flight per shard), so the latest
@@ -509,6 +443,11 @@ class WorkerLoop:
 
     # -- guards -----------------------------------------------------------------------------------
 
+    def _running(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None or self._client is None:
+            raise RuntimeError("the WorkerLoop is not running: start() it, or enter it with 'async with'")
+        return self._loop
+
     def _forbid_loop_thread(self, what: str) -> None:
         if self._loop is not None and self._loop.is_running() and _running_loop() is self._loop:
             raise RuntimeError(
@@ -525,7 +464,8 @@ class WorkerLoop:
 
     def _forget_after_fork(self) -> None:
         # The child inherits copies of the parent's sockets and thread state: never touch them.
-        self._loop = self._client = self._thread = None
+        self._loop = self._client = None
+        self._host.forget()
         self._tasks = set()
 
 

@@ -100,9 +100,9 @@ def test_stop_returns_even_when_the_service_never_answers(ipc_dir):
     loop = WorkerLoop(f"ipc://{ipc_dir}/nobody", job="job", worker="w0", timeout_s=5.0).start()
     loop.submit("a", submission(0))
     loop.step()
-    thread = loop._thread
+    assert [t for t in threading.enumerate() if t.name == "psq-w0"]
     loop.stop(timeout_s=5.0)
-    assert thread is not None and not thread.is_alive()
+    assert not [t for t in threading.enumerate() if t.name == "psq-w0"]
 
 
 def _use_in_child(loop: WorkerLoop, out: multiprocessing.connection.Connection) -> None:

@@ -1,0 +1,100 @@
+"""The worker's step bookkeeping, its counters and its event-loop thread, without any service."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+
+import pytest
+
+from psq.counters import LoopCounters
+from psq.loop_thread import LoopThread, run_threadsafe
+from psq.steps import ExchangeSteps, StepBook
+
+
+def test_a_layer_reporting_twice_closes_the_step_with_everything_in_it():
+    book: StepBook[str, str] = StepBook()
+    assert book.submit("a", "a0") is None and book.submit("b", "b0") is None
+    book.submit_gradient("b", "gb0")
+    book.submit_gradient("b", "gb0'")  # recomputed by activation checkpointing: both kept
+    assert book.enter("c") is None  # a layer new to the step does not close it
+    closed = book.submit("a", "a1")
+    assert (closed.number, dict(closed.entries), dict(closed.gradients)) == (
+        0,
+        {"a": "a0", "b": "b0"},
+        {"b": ["gb0", "gb0'"]},
+    )
+    assert book.number == 1 and book.is_open  # a1 opened step 1
+    assert book.enter("a").entries == {"a": "a1"} and not book.is_open
+
+
+def test_without_auto_step_only_close_ends_a_step_and_gradients_without_a_forward_wait():
+    book: StepBook[str, str] = StepBook(auto_step=False)
+    book.submit("a", "a0")
+    assert book.submit("a", "a0 again") is None and book.enter("a") is None
+    first = book.close()
+    assert (first.number, dict(first.entries)) == (0, {"a": "a0 again"})
+    book.submit_gradient("a", "late")  # the backward of step 0, after close()
+    empty = book.close()
+    assert (empty.number, dict(empty.entries), dict(empty.gradients)) == (1, {}, {})
+    book.submit("a", "a2")
+    assert dict(book.close().gradients) == {"a": ["late"]}  # it joined the next step with a forward
+
+
+def test_sync_mode_begins_a_step_at_a_layers_second_exchange():
+    steps = ExchangeSteps()
+    assert [steps.begin(n) for n in ("a", "b", "a", "b", "b")] == [0, 0, 1, 1, 2]
+
+
+def test_counters_summarize_with_the_mean_staleness():
+    counters = LoopCounters()
+    assert counters.summary(0)["mean_staleness_steps"] is None
+    counters.pushes, counters.answered = 3, 2
+    for steps in (1, 2, 6):
+        counters.note_staleness(steps)
+    summary = counters.summary(5)
+    assert summary["steps"] == 5 and summary["pushes"] == 3 and summary["mean_staleness_steps"] == 3.0
+    assert "staleness_sum" not in summary and "staleness_n" not in summary
+
+
+def test_the_loop_thread_opens_serves_closes_and_runs_coroutines_for_other_threads():
+    host, events = LoopThread("psq-test"), []
+
+    async def opened() -> None:
+        events.append(("open", threading.current_thread().name))
+
+    async def closed() -> None:
+        events.append(("close", threading.current_thread().name))
+
+    host.start(opened, closed, timeout_s=5)
+    assert host.running and host.loop is not None
+
+    async def answer() -> int:
+        return 42
+
+    async def forever() -> None:
+        await asyncio.Event().wait()
+
+    assert run_threadsafe(host.loop, answer(), timeout_s=5) == 42
+    with pytest.raises(concurrent.futures.TimeoutError):
+        run_threadsafe(host.loop, forever(), timeout_s=0.05)
+    with pytest.raises(RuntimeError, match="already started"):
+        host.start(opened, closed, timeout_s=5)
+    host.stop(timeout_s=5)
+    assert events == [("open", "psq-test"), ("close", "psq-test")] and not host.running
+    assert not [t for t in threading.enumerate() if t.name == "psq-test"]
+
+
+def test_an_error_while_opening_is_raised_on_the_callers_thread():
+    host = LoopThread("psq-failing")
+
+    async def fails() -> None:
+        raise OSError("no socket for you")
+
+    async def never() -> None:
+        raise AssertionError("close must not run when open failed")
+
+    with pytest.raises(OSError, match="no socket for you"):
+        host.start(fails, never, timeout_s=5)
+    assert not host.running
