@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from psq.protocol import DEFAULT_MAX_BYTES, MAX_SHARDS
-from psq.stats import GRADIENTS, HALF_LIFE_UNITS
+from psq.stats import HALF_LIFE_UNITS
 
 ENV_PREFIX = "PSQ_"
 DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
@@ -41,12 +41,18 @@ def setting(
     env: str | None = None,
     metavar: str | None = None,
     shared: bool = False,
+    many: bool = False,
 ) -> Any:
     """A settings field: ``env`` defaults to ``PSQ_<NAME>``; ``shared``: other roles read the
-    same variable for the same value."""
-    return field(
-        default=default, metadata={"help": help, "parse": parse, "env": env, "metavar": metavar, "shared": shared}
-    )
+    same variable for the same value; ``many``: a flag taking one or more values (a tuple)."""
+    meta = {"help": help, "parse": parse, "env": env, "metavar": metavar, "shared": shared, "many": many}
+    return field(default=default, metadata=meta)
+
+
+def reads_environment(cls: type) -> bool:
+    """Whether ``cls`` takes ``PSQ_*`` variables too: a service's settings do, a benchmark's
+    (``environment = False``, flags only) do not."""
+    return getattr(cls, "environment", True)
 
 
 # -- parsers: text in, value out, SettingsError with what was expected ---------------------------
@@ -239,63 +245,22 @@ class StatusSettings:
     server_key: Path | None = setting(None, "the broker's CurveZMQ public key file", optional_path, shared=True)
 
 
-@dataclass(frozen=True)
-class TrainSettings:
-    """The digits trainer (``python -m workers.train``, ``psq worker``)."""
-
-    frontend: str = setting(DEFAULT_FRONTEND, "the broker's frontend address", endpoint, shared=True)
-    norm: str = setting(
-        "psq",
-        "batch norm: psq (shared history), local (per worker), syncbn (synchronized)",
-        choice("psq", "local", "syncbn"),
-    )
-    workers: int = setting(2, "worker processes, when not started by torchrun", positive_int)
-    epochs: int = setting(5, "passes over the training set", positive_int)
-    batch: int = setting(1, "per-worker batch size", positive_int)
-    model: str = setting(
-        "cnn",
-        "cnn: a 3-conv CNN on the 8x8 digits; resnet: a small ResNet on them upsampled to 32x32",
-        choice("cnn", "resnet"),
-    )
-    lr: float | None = setting(
-        None,
-        "peak learning rate, SGD with momentum 0.9 and a cosine schedule (none: 0.1 x global batch / 64)",
-        positive_float,
-    )
-    seed: int = setting(0, "seed of the model, the shards and the batch order", non_negative_int)
-    history_weight: float | None = setting(
-        None, "psq: the history's largest share of the statistics (none: PSBatchNorm's default)", unit_interval
-    )
-    gradient_history_weight: float | None = setting(
-        None, "psq: the same for the backward's statistics (none: the history weight)", unit_interval
-    )
-    warmup_images: float | None = setting(
-        None, "psq: images over which both history weights ramp up (none: PSBatchNorm's default)", non_negative_float
-    )
-    gradient: str = setting(
-        "cluster",
-        "psq: the backward, cluster (with the cluster's gradient history), renorm or exact (for comparison)",
-        choice(*GRADIENTS),
-    )
-    sharding: str = setting(
-        "iid", "how training images are dealt to workers: iid, skewed, split", choice("iid", "skewed", "split")
-    )
-    run_dir: Path = setting(Path("runs/latest"), "folder for the weights and the summary", Path)
-    max_steps_per_epoch: int = setting(
-        0, "stop each epoch after this many steps (0: the whole shard; for quick sanity runs)", non_negative_int
-    )
-    job: str | None = setting(None, "job name on the statistics service (default: digits-<run id>)", name)
-    wait_for_service_s: float = setting(30.0, "psq: how long to wait for the service before training", positive_float)
-    push_interval_s: float = setting(
-        0.0, "psq: least time between two pushes (steps in between are merged)", non_negative_float
-    )
-    secret_key: Path | None = setting(
-        None, "this worker's CurveZMQ secret key file", optional_path, "PSQ_WORKER_SECRET_KEY", shared=True
-    )
-    server_key: Path | None = setting(None, "the broker's CurveZMQ public key file", optional_path, shared=True)
+SETTINGS: tuple[type, ...] = (BrokerSettings, AggregatorSettings, StatusSettings)
+# Settings of the processes built on psq (the digits trainer: workers/settings.py), registered
+# so that one environment check and one collision check cover them too.
+_REGISTERED: list[type] = []
 
 
-SETTINGS = (BrokerSettings, AggregatorSettings, StatusSettings, TrainSettings)
+def register(cls: type) -> type:
+    """Add a settings class of a program built on psq to the environment and collision checks."""
+    if cls not in _REGISTERED:
+        check_unambiguous((*all_settings(), cls))
+        _REGISTERED.append(cls)
+    return cls
+
+
+def all_settings() -> tuple[type, ...]:
+    return (*SETTINGS, *_REGISTERED)
 
 
 # -- reading flags and environment -----------------------------------------------------------------
@@ -324,7 +289,7 @@ def check_unambiguous(classes: tuple[type, ...]) -> None:
 
 
 def known_environment() -> set[str]:
-    return {env_name(f) for cls in SETTINGS for f in dataclasses.fields(cls)} | set(EXTRA_ENVIRONMENT)
+    return {env_name(f) for cls in all_settings() for f in dataclasses.fields(cls)} | set(EXTRA_ENVIRONMENT)
 
 
 # Variables read outside these dataclasses (the trainer's, the key files'), registered so that
@@ -345,12 +310,19 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     an on/off setting is a flag without a value (``--insecure``)."""
     for f in dataclasses.fields(cls):
         option = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata['help']} (env {env_name(f)}; default {_show(f.default)})"
+        source = f"env {env_name(f)}; " if reads_environment(cls) else ""
+        help_text = f"{f.metadata['help']} ({source}default {_show(f.default)})"
         if f.metadata["parse"] is flag:
             parser.add_argument(option, dest=f.name, default=None, action="store_const", const=True, help=help_text)
         else:
             parser.add_argument(
-                option, dest=f.name, default=None, type=_argparse(f), metavar=f.metadata["metavar"], help=help_text
+                option,
+                dest=f.name,
+                default=None,
+                type=_argparse(f),
+                nargs="+" if f.metadata["many"] else None,
+                metavar=f.metadata["metavar"],
+                help=help_text,
             )
 
 
@@ -360,8 +332,8 @@ def load(cls: type, flags: argparse.Namespace | Mapping[str, Any], environ: Mapp
     values, from_environment = {}, set()
     for f in dataclasses.fields(cls):
         if given.get(f.name) is not None:
-            values[f.name] = given[f.name]
-        elif env_name(f) in environ:
+            values[f.name] = tuple(given[f.name]) if f.metadata["many"] else given[f.name]
+        elif reads_environment(cls) and env_name(f) in environ:
             try:
                 values[f.name] = f.metadata["parse"](environ[env_name(f)])
             except SettingsError as exc:
@@ -373,8 +345,8 @@ def load(cls: type, flags: argparse.Namespace | Mapping[str, Any], environ: Mapp
     return settings
 
 
-def _argparse(f: dataclasses.Field[Any]) -> Callable[[str], Any]:
-    parse = f.metadata["parse"]
+def argparse_type(parse: Callable[[str], Any], name: str) -> Callable[[str], Any]:
+    """A parser as an argparse ``type``: its SettingsError becomes argparse's usage error."""
 
     def convert(text: str) -> Any:
         try:
@@ -382,13 +354,17 @@ def _argparse(f: dataclasses.Field[Any]) -> Callable[[str], Any]:
         except SettingsError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
 
-    convert.__name__ = f.name  # argparse names the converter in its error messages
+    convert.__name__ = name  # argparse names the converter in its error messages
     return convert
+
+
+def _argparse(f: dataclasses.Field[Any]) -> Callable[[str], Any]:
+    return argparse_type(f.metadata["parse"], f.name)
 
 
 def _show(value: Any) -> str:
     if isinstance(value, tuple):
-        return "/".join(map(str, value))
+        return "/".join(map(str, value)) if value else "none"
     return "none" if value is None else str(value)
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from psq import config
-from psq.config import AggregatorSettings, BrokerSettings, SettingsError, TrainSettings, setting
+from psq.config import AggregatorSettings, BrokerSettings, SettingsError, setting
+from workers.settings import TrainSettings
 
 
 def parse(cls: type, argv: list[str], environ: dict[str, str]):
@@ -102,3 +103,16 @@ def test_a_variable_two_roles_would_read_differently_is_refused():
         config.check_unambiguous((Same, SameOtherDefault))  # unset, the two would differ
     config.check_unambiguous((Same, Same))
     config.check_unambiguous(config.SETTINGS)
+
+
+def test_a_benchmarks_settings_are_flags_only_and_take_several_values_where_declared():
+    from psq.bench.settings import LoadBench
+    from workers.settings import AccuracyBench
+
+    assert parse(LoadBench, ["--shards", "421"], {"PSQ_SECONDS": "9"}).shards == "421"  # not read
+    assert parse(LoadBench, [], {}).seconds == 5.0
+    with pytest.raises(SystemExit):
+        parse(LoadBench, ["--shards", "3"], {})  # argparse reports the letters it takes
+    acc = parse(AccuracyBench, ["--methods", "local", "psq:history_weight=0.8"], {})
+    assert [m.name for m in acc.methods] == ["local", "psq:history_weight=0.8"]
+    assert config.known_environment().isdisjoint({"PSQ_SHARDS", "PSQ_METHODS", "PSQ_ROUNDS"})

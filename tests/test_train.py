@@ -231,3 +231,21 @@ def test_accuracy_bench_methods_and_variants_are_parsed_and_checked():
     ):
         out = run_psq("bench", "accuracy", "--methods", bad)
         assert out.returncode == 2 and text in out.stderr, out.stderr
+
+
+def test_python_m_workers_train_runs_the_module_once_and_refuses_bad_settings_with_exit_code_2():
+    """The trainer's own entry point parses through psq.command, not psq.cli (which imported
+    workers.train a second time, beside __main__)."""
+    code = (
+        "import runpy, sys\n"
+        "sys.argv = ['workers.train']\n"
+        "try:\n"
+        "    runpy.run_module('workers.train', run_name='__main__')\n"
+        "except SystemExit as exc:\n"
+        "    print(exc.code, 'psq.cli' in sys.modules, 'workers.train' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env_for(PSQ_EPOCHS="0"), capture_output=True, text=True, timeout=120
+    )
+    assert out.stdout.split() == ["2", "False", "False"], out.stdout + out.stderr
+    assert "python -m workers.train: PSQ_EPOCHS: expected a positive integer, got '0'" in out.stderr

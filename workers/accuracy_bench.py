@@ -30,8 +30,9 @@ import numpy as np
 
 from psq.bench.services import cluster
 from psq.bench.timing import emit
-from psq.config import SettingsError, TrainSettings, non_negative_float, positive_float, unit_interval
+from psq.config import SettingsError, non_negative_float, positive_float, unit_interval
 from workers import train
+from workers.settings import TrainSettings
 
 
 @dataclasses.dataclass(frozen=True)

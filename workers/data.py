@@ -17,7 +17,8 @@ from functools import cache
 import numpy as np
 import torch
 
-SHARDINGS = ("iid", "skewed", "split")
+from workers.settings import SHARDINGS
+
 TEST_FRACTION = 0.2
 
 
@@ -44,6 +45,8 @@ def digits() -> Digits:
 
 def shards(labels: np.ndarray, workers: int, sharding: str, seed: int) -> list[np.ndarray]:
     """Each worker's training indices (equal sizes), fixed for the run."""
+    if sharding not in SHARDINGS:
+        raise ValueError(f"sharding must be one of {', '.join(SHARDINGS)}, got {sharding!r}")
     rng = np.random.default_rng(seed)
     size = len(labels) // workers
     if sharding == "iid":

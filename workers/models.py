@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from workers.settings import MODEL_NAMES
+
 
 class BasicBlock(nn.Module):
     """ResNet's basic block: two 3x3 convolutions with batch norm and a shortcut."""
@@ -62,4 +64,4 @@ def digits_resnet(classes: int = 10) -> nn.Module:
     return nn.Sequential(nn.Upsample(size=32, mode="bilinear", align_corners=False), small_resnet(classes, inputs=1))
 
 
-MODELS = {"cnn": digits_cnn, "resnet": digits_resnet}
+MODELS = dict(zip(MODEL_NAMES, (digits_cnn, digits_resnet), strict=True))

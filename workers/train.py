@@ -34,12 +34,12 @@ import torch.multiprocessing as tmp
 import torch.nn.functional as F
 from torch import nn
 
-from psq.config import TrainSettings
 from psq.loop import WorkerLoop
 from psq.security import ClientKeys
 from psq.torch import convert_batchnorm, ddp_buffer_sync
 from workers.data import Digits, digits, epoch_batches, shards
 from workers.models import MODELS
+from workers.settings import TrainSettings
 
 log = logging.getLogger("psq.train")
 COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=120)  # a dead peer fails the run instead of hanging it
@@ -357,6 +357,6 @@ def main(settings: TrainSettings) -> int:
 
 
 if __name__ == "__main__":
-    from psq.cli import main as cli
+    from psq.command import settings_main
 
-    sys.exit(cli(["worker", *sys.argv[1:]]))
+    sys.exit(settings_main(TrainSettings, "python -m workers.train", __doc__.splitlines()[0], main)())
