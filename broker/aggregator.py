@@ -19,7 +19,7 @@ from typing import Any
 import zmq
 
 from broker import snapshot
-from broker.store import Store
+from broker.store import Store, cast_reply
 from broker.sync import Finished, Step, StepKey, SyncSteps
 from psq import protocol
 from psq.config import AggregatorSettings
@@ -185,12 +185,11 @@ class Aggregator:
     def _on_sync_push(self, route: Any, push: Push, now: float) -> None:
         assert self.sync is not None
         placement = self.store.admit(push)
-        key = (push.job, push.layout.id, push.step)
-        done = self.sync.completed.get(key)
+        done = self.sync.answered(push)
         if done is not None:  # a retry of a step that already finished: answer it again
             self._send_finished(route, push, done)
             return
-        if self.store.is_duplicate(push) and key not in self.sync.pending:
+        if self.store.is_duplicate(push) and not self.sync.waiting(push):
             self._send(
                 route,
                 protocol.encode_history(
@@ -225,25 +224,17 @@ class Aggregator:
         self.store.update(job, placement, pooled, images)
         for push in pushes:
             self.store.remember(push)
-        state = self.store.jobs[job]
-        versions, seen = state.versions[placement.layers].copy(), state.seen[placement.layers].copy()
+        versions, seen = self.store.clocks(job, placement)
         done = Finished(pooled.counts, pooled.mean, pooled.var, versions, seen, complete)
         self.sync.finish(key, done)
         for route, push in step.arrivals.values():
             self._send_finished(route, push, done)
 
     def _send_finished(self, route: Any, push: Push, done: Finished) -> None:
-        dtype = push.reply_dtype
+        placement = self.store.admit(push)
+        means, var = cast_reply(placement, push.reply_dtype, "pooled", done.means, done.var)
         reply = HistoryReply(
-            push.seq,
-            push.step,
-            push.layout.id,
-            done.counts,
-            done.means.astype(dtype, copy=False),
-            done.var.astype(dtype, copy=False),
-            done.versions,
-            done.seen,
-            done.complete,
+            push.seq, push.step, push.layout.id, done.counts, means, var, done.versions, done.seen, done.complete
         )
         self._send(route, protocol.encode_history(reply, self.shard))
 

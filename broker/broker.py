@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
@@ -42,6 +43,15 @@ _ROUTED = (Command.PUSH, Command.STATUS)
 RTT_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)  # what a worker may send to a shard
 
 
+@dataclass
+class _Worker:
+    """A worker the broker has seen: its job and name (from its HELLO), and when it last spoke."""
+
+    job: str
+    name: str
+    last_seen: float
+
+
 class Broker:
     """Construct, then :meth:`run` (sockets are created inside ``run``, on its thread)."""
 
@@ -49,7 +59,7 @@ class Broker:
         self.settings = settings
         self.table = ShardTable(settings.heartbeat_s, settings.liveness)
         self.counters = Counters()
-        self._workers: dict[bytes, list[Any]] = {}  # identity -> [job, worker, last_seen]
+        self._workers: dict[bytes, _Worker] = {}  # by socket identity
         self._envelopes: dict[bytes, tuple[Command, int]] = {}  # a job uses a handful of them
         self._started = time.monotonic()
         self._frontend: zmq.Socket | None = None
@@ -143,7 +153,7 @@ class Broker:
         identity = frames[0].bytes
         seen = self._workers.get(identity)  # workers are listed from their HELLO on
         if seen is not None:
-            seen[2] = now
+            seen.last_seen = now
         try:
             command, key = self._check(frames)
         except ProtocolError as exc:
@@ -162,18 +172,12 @@ class Broker:
             return
         self._backend.send_multipart([owner, frames[0], *frames[1:]], copy=False)
         if len(self._forwarded) < MAX_TRACKED_WORKERS:
-            self._forwarded[identity + key.to_bytes(2, "little")] = now
+            self._forwarded[identity + protocol.key_bytes(frames[1].bytes)] = now
 
     def _check(self, frames: list[zmq.Frame]) -> tuple[Command, int]:
-        if not 3 <= len(frames) <= protocol.MAX_FRAMES + 1:
-            raise ProtocolError(
-                ErrorCode.FRAMES, f"a message has 2..{protocol.MAX_FRAMES} frames, got {len(frames) - 1}"
-            )
-        size = sum(len(f) for f in frames)
-        if size > self.settings.max_message_bytes:
-            raise ProtocolError(
-                ErrorCode.OVERSIZED, f"message of {size} bytes exceeds {self.settings.max_message_bytes}"
-            )
+        """The command and shard of a worker's message (its identity frame first), by the
+        protocol's frame rules and envelope alone."""
+        size = protocol.check_frames(frames[1:], self.settings.max_message_bytes)
         raw = frames[1].bytes
         parsed = self._envelopes.get(raw)
         if parsed is None:
@@ -190,7 +194,7 @@ class Broker:
             if command is Command.HELLO:
                 job, worker = protocol.parse_hello(msg)
                 if len(self._workers) < MAX_TRACKED_WORKERS:
-                    self._workers[identity] = [job, worker, now]
+                    self._workers[identity] = _Worker(job, worker, now)
                 shards = self.table.shard_count(now)
                 if shards is None:
                     raise ProtocolError(ErrorCode.NO_SHARD, "no aggregator is registered yet")
@@ -229,7 +233,7 @@ class Broker:
         """The round trip through the aggregator: from forwarding the request to its reply.  The
         reply's envelope names the shard (bytes 4-5) without decoding anything else."""
         envelope = frames[2].bytes if len(frames) > 2 else b""
-        sent = self._forwarded.pop(frames[1].bytes + envelope[4:6], None)
+        sent = self._forwarded.pop(frames[1].bytes + protocol.key_bytes(envelope), None)
         if sent is not None:
             self.round_trips.observe(now - sent)
 
@@ -271,7 +275,7 @@ class Broker:
         self._refusals.flush()
         for owner in self.table.expire(now, forget_after_s=10 * self.table.timeout_s):
             log.warning("broker: forgot aggregator %r, silent for %.0f s", owner.name, now - owner.last_seen)
-        stale = [k for k, v in self._workers.items() if now - v[2] > WORKER_SEEN_S]
+        stale = [k for k, w in self._workers.items() if now - w.last_seen > WORKER_SEEN_S]
         for k in stale:
             del self._workers[k]
         lost = [k for k, t in self._forwarded.items() if now - t > WORKER_SEEN_S]  # never answered
@@ -279,7 +283,9 @@ class Broker:
             del self._forwarded[k]
 
     def report(self, now: float) -> dict[str, Any]:
-        workers = [{"job": j, "worker": w, "last_seen_s": round(now - t, 3)} for j, w, t in self._workers.values()]
+        workers = [
+            {"job": w.job, "worker": w.name, "last_seen_s": round(now - w.last_seen, 3)} for w in self._workers.values()
+        ]
         return {
             "broker": {
                 "frontend": self.settings.frontend,

@@ -119,8 +119,7 @@ def loads(data: bytes, shard: int, shards: int, half_life: float, unit: str = "i
         )
     store = Store(shard, shards, half_life, unit)
     for name, fields in payload["jobs"].items():
-        store.jobs[name] = _job(name, fields, fmt)
-        store.layouts.update((p.layout.id, p.layout) for p in store.jobs[name].placements.values())
+        store.add_job(name, _job(name, fields, fmt))
     for entry in payload["applied"]:
         if not (
             isinstance(entry, list)

@@ -187,9 +187,9 @@ class Store:
         held = sum(j.total for j in self.jobs.values())
         if held + state.new_channels(push.layout) > MAX_CHANNELS:
             raise ProtocolError(ErrorCode.LAYOUT, f"this aggregator holds at most {MAX_CHANNELS} channels")
-        self.jobs[push.job] = state
-        self.layouts[push.layout.id] = push.layout
-        return state.place(push.layout)
+        placement = state.place(push.layout)
+        self.add_job(push.job, state)
+        return placement
 
     def _check_shard(self, layout: Layout) -> None:
         foreign = [n for n in layout.names if shard_of(n, self.shards) != self.shard]
@@ -258,6 +258,17 @@ class Store:
         if len(self.applied) > MAX_SESSIONS:
             self.applied.popitem(last=False)
 
+    def add_job(self, name: str, state: JobState) -> None:
+        """Hold ``state`` as job ``name``, its layouts known to the decoder (the one place both
+        are written: a push's admission and a snapshot's load)."""
+        self.jobs[name] = state
+        self.layouts.update((lid, p.layout) for lid, p in state.placements.items())
+
+    def clocks(self, job: str, placement: Placement) -> tuple[np.ndarray, np.ndarray]:
+        """Copies of the placement's layers' versions and images seen: what a reply carries."""
+        state = self.jobs[job]
+        return state.versions[placement.layers].copy(), state.seen[placement.layers].copy()
+
     def reply(
         self,
         job_name: str,
@@ -272,10 +283,10 @@ class Store:
         into the store, valid until the next update: encode and send it at once (the socket
         copies it out)."""
         job, ch = self.jobs[job_name], placement.channels
-        means, var = _cast(placement, dtype, "moments", job.mean[ch], job.var[ch])
+        means, var = cast_reply(placement, dtype, "moments", job.mean[ch], job.var[ch])
         g = None
         if gradients:
-            dy, dy_xhat = _cast(placement, dtype, "gradients", job.grad_dy[ch], job.grad_dy_xhat[ch])
+            dy, dy_xhat = cast_reply(placement, dtype, "gradients", job.grad_dy[ch], job.grad_dy_xhat[ch])
             g = LayerGradients(job.grad_counts[placement.layers], dy, dy_xhat)
         layers = placement.layers
         return HistoryReply(
@@ -303,7 +314,7 @@ class Store:
         }
 
 
-def _cast(placement: Placement, dtype: str, what: str, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+def cast_reply(placement: Placement, dtype: str, what: str, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
     """``arrays`` in the reply dtype: float64 views as they are, else cast into this layout's
     reply buffers (no allocation per message)."""
     if dtype == "<f8":

@@ -58,13 +58,26 @@ class SyncSteps:
         self.pending: OrderedDict[StepKey, Step] = OrderedDict()
         self.completed: OrderedDict[StepKey, Finished] = OrderedDict()
 
+    @staticmethod
+    def key_of(push: Push) -> StepKey:
+        """The step a push belongs to: every worker's push of it has the same key."""
+        return (push.job, push.layout.id, push.step)
+
+    def answered(self, push: Push) -> Finished | None:
+        """The finished step of a retried push, to answer again (None if not finished)."""
+        return self.completed.get(self.key_of(push))
+
+    def waiting(self, push: Push) -> bool:
+        """Whether the step of ``push`` still waits for some worker."""
+        return self.key_of(push) in self.pending
+
     def add(self, push: Push, route: Any, now: float) -> tuple[StepKey, Step | None]:
         """Record an arrival; the step is returned once all workers are in.
 
         A retried push (same worker and session) replaces the earlier route, since a retry
         comes over a fresh socket, and is not counted twice.
         """
-        key = (push.job, push.layout.id, push.step)
+        key = self.key_of(push)
         step = self.pending.get(key)
         if step is None:
             step = self.pending[key] = Step(now)

@@ -42,7 +42,8 @@ DEFAULT_MAX_BYTES = 64 << 20
 MAX_FRAMES = 16
 MAX_HEADER_BYTES = 1 << 20  # a layout of 65,536 names fits; a header is otherwise tiny
 
-_ENVELOPE = struct.Struct("<2sBBH")
+_ENVELOPE = struct.Struct("<2sBBH")  # magic, version, command, routing key
+_KEY_OFFSET = 4
 _DTYPES = {"<f4": np.dtype("<f4"), "<f8": np.dtype("<f8"), "<u8": np.dtype("<u8")}
 _STAT_DTYPES = ("<f4", "<f8")
 _MAX_STR = 256
@@ -106,6 +107,12 @@ def envelope(command: Command, key: int) -> bytes:
     return _ENVELOPE.pack(MAGIC, VERSION, command, key)
 
 
+def key_bytes(envelope_frame: bytes) -> bytes:
+    """The routing key's bytes of an envelope, unparsed: a request's and its reply's are equal,
+    which is how the broker pairs them without decoding either."""
+    return envelope_frame[_KEY_OFFSET : _KEY_OFFSET + 2]
+
+
 def parse_envelope(frame: Any) -> tuple[Command, int]:
     """The command and routing key of a message's first frame."""
     view = memoryview(frame)
@@ -138,14 +145,21 @@ def encode(command: Command, key: int, header: Mapping[str, Any], arrays: Sequen
     return [envelope(command, key), head, *(np.ascontiguousarray(a) for a in arrays)]
 
 
-def decode(frames: Sequence[Any], max_bytes: int = DEFAULT_MAX_BYTES) -> Message:
-    """Validate frames and build a :class:`Message` whose arrays are views over the frames."""
+def check_frames(frames: Sequence[Any], max_bytes: int = DEFAULT_MAX_BYTES) -> int:
+    """The rules on a message's frames as a whole (their count and total size), which a router
+    applies without decoding anything else; returns the size in bytes."""
     if not 2 <= len(frames) <= MAX_FRAMES:
         raise ProtocolError(ErrorCode.FRAMES, f"a message has 2..{MAX_FRAMES} frames, got {len(frames)}")
-    views = [memoryview(f) for f in frames]
-    size = sum(v.nbytes for v in views)
+    size = sum(memoryview(f).nbytes for f in frames)
     if size > max_bytes:
         raise ProtocolError(ErrorCode.OVERSIZED, f"message of {size} bytes exceeds the limit of {max_bytes}")
+    return size
+
+
+def decode(frames: Sequence[Any], max_bytes: int = DEFAULT_MAX_BYTES) -> Message:
+    """Validate frames and build a :class:`Message` whose arrays are views over the frames."""
+    check_frames(frames, max_bytes)
+    views = [memoryview(f) for f in frames]
     command, key = parse_envelope(views[0])
     header = read_header(views[1])
     spec = header.pop("arrays", None)

@@ -479,3 +479,18 @@ def test_mutated_valid_frames_raise_only_protocol_errors(data):
             frame[pos:pos] = data.draw(st.binary(min_size=1, max_size=8))
     frames[i] = bytes(frame)
     only_protocol_errors(frames)
+
+
+def test_a_router_applies_the_frame_rules_without_decoding_and_pairs_replies_by_key_bytes():
+    frames = protocol.encode_push(make_push(), 7, True)
+    size = sum(memoryview(f).nbytes for f in frames)
+    assert protocol.check_frames(frames, max_bytes=size) == size
+    with pytest.raises(ProtocolError) as info:
+        protocol.check_frames(frames, max_bytes=size - 1)
+    assert info.value.code is ErrorCode.OVERSIZED
+    with pytest.raises(ProtocolError) as info:
+        protocol.check_frames(frames[:1])
+    assert info.value.code is ErrorCode.FRAMES
+    reply = protocol.encode_history(make_reply(), 7)
+    assert protocol.key_bytes(bytes(frames[0])) == protocol.key_bytes(bytes(reply[0])) == (7).to_bytes(2, "little")
+    assert protocol.key_bytes(protocol.envelope(Command.PUSH, 8)) != protocol.key_bytes(bytes(reply[0]))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from broker.store import Store
-from broker.sync import SyncSteps
+from broker.sync import Finished, SyncSteps
 from psq.layout import Layout, shard_of
 from psq.protocol import ErrorCode, ProtocolError, Push
 from psq.stats import History, LayerGradients, Moments, merge
@@ -259,6 +259,11 @@ def test_sync_steps_pool_every_workers_batch_once():
     np.testing.assert_allclose(pooled.mean, want.mean, rtol=1e-12)
     np.testing.assert_allclose(pooled.var, want.var, rtol=1e-12)
     assert np.all(pooled.counts == 21.0)
+    # the step's retries are answered from the finished step; another step's push is not
+    assert not steps.waiting(p0) and steps.answered(p0) is None
+    done = Finished(pooled.counts, pooled.mean, pooled.var, np.ones(1), np.ones(1), True)
+    steps.finish(SyncSteps.key_of(p0), done)
+    assert steps.answered(p0_retry) is done and steps.answered(push(layout, 3, "w0", step=8)) is None
 
 
 def test_sync_steps_expire_after_their_timeout():
