@@ -20,9 +20,8 @@ Failures are reported, never waited out: :class:`Unavailable` when a shard (or t
 be reached — ``partial`` holds what the other shards answered — and :class:`Rejected` when an
 aggregator refused the statistics themselves.
 
-The socket is a plain ZeroMQ DEALER watched with ``loop.add_reader`` and drained without
-blocking: one reader for the socket, no pending ``recv`` to cancel, and none of
-``zmq.asyncio``'s per-message overhead.
+This module is the plan: layouts per shard, coalescing, results and what each refusal means.
+The socket, the requests in flight and their retries are :class:`psq.transport.Transport`'s.
 """
 
 from __future__ import annotations
@@ -37,13 +36,11 @@ from functools import cached_property
 from typing import Any
 
 import numpy as np
-import zmq
 
 from psq import protocol
 from psq.layout import Layout, LayoutError, shard_of
 from psq.protocol import BROKER_KEY, Command, ErrorCode, HistoryReply, ProtocolError
 from psq.security import ClientKeys
-from psq.sockets import tune
 from psq.stats import (
     GradientMeans,
     LayerGradients,
@@ -53,6 +50,7 @@ from psq.stats import (
     accumulate_into,
     accumulate_means_into,
 )
+from psq.transport import Request, Transport
 
 log = logging.getLogger("psq.client")
 
@@ -130,19 +128,6 @@ class PushResult(Mapping[str, Moments]):
 
 
 @dataclass(eq=False)
-class _Request:
-    key: int  # shard, or BROKER_KEY for HELLO
-    seq: int
-    frames: list[Any]
-    waiters: list[asyncio.Future[Any]]
-    layout: Layout | None = None
-    push: protocol.Push | None = None  # kept to re-encode with the layout in full if asked
-    attempts: int = 0
-    deadline: float | None = None  # None: waiting to be (re)sent
-    sent_at: float = 0.0
-
-
-@dataclass(eq=False)
 class _Pending:
     """Updates for one shard and layout, merged while a request is in flight.
 
@@ -184,7 +169,8 @@ def _gradients_f64(g: LayerGradients) -> LayerGradients:
 
 @dataclass(eq=False)
 class _Channel:
-    inflight: _Request | None = None
+    """One shard's updates waiting for its request in flight (the transport's) to be answered."""
+
     pending: OrderedDict[bytes, _Pending] = field(default_factory=OrderedDict)
     known_layouts: set[bytes] = field(default_factory=set)  # sent in full to this shard already
     last_sent: float = float("-inf")
@@ -220,11 +206,8 @@ class StatsClient:
         self._plans: dict[tuple[Any, ...], list[tuple[int, Layout]]] = {}
         self._scratch: dict[bytes, Scratch] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._transport: Transport | None = None
         self._closed = False
-        self._last_reply_at = float("-inf")
-        self._sock: zmq.Socket | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._resend: asyncio.TimerHandle | None = None
 
     async def __aenter__(self) -> StatsClient:
         await self.open()
@@ -235,20 +218,34 @@ class StatsClient:
 
     async def open(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._connect()
+        self._transport = Transport(
+            self.frontend,
+            timeout_s=self.timeout_s,
+            retries=self.retries,
+            backoff_s=self.backoff_s,
+            max_message_bytes=self.max_message_bytes,
+            keys=self.keys,
+            stats=self.stats,
+            on_reply=self._on_reply,
+            on_gave_up=self._on_gave_up,
+        )
 
     async def close(self) -> None:
         self._closed = True
-        for handle in (self._timer, self._resend):
-            if handle is not None:
-                handle.cancel()
         for channel in self._channels.values():
             if channel.held is not None:
                 channel.held.cancel()
-            for waiter in _waiters(channel):
-                waiter.cancel()  # a push still waiting reports Unavailable("closed")
+            for pending in channel.pending.values():
+                for waiter in pending.waiters:
+                    waiter.cancel()  # a push still waiting reports Unavailable("closed")
         self._channels.clear()
-        self._disconnect()
+        if self._transport is not None:
+            self._transport.close()  # cancels what waits for a request in flight
+
+    @property
+    def connected(self) -> bool:
+        """Whether the client holds a socket (between open and close)."""
+        return self._transport is not None and self._transport.connected
 
     # -- public API -------------------------------------------------------------------------
 
@@ -290,11 +287,11 @@ class StatsClient:
         plan = self._plan(stats, shards)
         wire = dtype or ("<f8" if np.asarray(next(iter(stats.values())).mean).dtype == np.float64 else "<f4")
         futures = {
-            shard: self._enqueue(shard, self._flatten(layout, step, stats, wire, images, gradients))
+            shard: self._enqueue(shard, _flatten(layout, step, stats, wire, images, gradients))
             for shard, layout in plan
         }
         self.stats["pushes"] += 1
-        return await self._collect(step, futures)
+        return await _collect(step, futures, self._give_up_s())
 
     # -- planning and coalescing ------------------------------------------------------------
 
@@ -312,24 +309,6 @@ class StatsClient:
             self._plans[key] = plan
         return plan
 
-    @staticmethod
-    def _flatten(
-        layout: Layout,
-        step: int,
-        stats: Mapping[str, Moments],
-        dtype: str,
-        images: Mapping[str, float] | None,
-        gradients: Mapping[str, GradientMeans] | None,
-    ) -> _Pending:
-        """One shard's part of a push, as flat arrays in the wire dtype."""
-        kind = np.dtype(dtype).type
-        try:
-            flat = LayerMoments(*layout.flatten(stats, kind))
-            grads = None if gradients is None else layout.flatten_gradients(gradients, kind)
-        except LayoutError as exc:
-            raise Rejected(ErrorCode.LAYOUT, str(exc)) from None
-        return _Pending(layout, flat, layout.per_layer(images or {}, flat.counts), grads, step, dtype)
-
     def _enqueue(self, shard: int, update: _Pending) -> asyncio.Future[Any]:
         channel = self._channels.setdefault(shard, _Channel())
         future: asyncio.Future[Any] = self._running_loop().create_future()
@@ -342,12 +321,12 @@ class StatsClient:
             pending.merge(update, self._scratch.setdefault(layout.id, Scratch(layout.total)))
             pending.waiters.append(future)
             self.stats["coalesced"] += 1
-        if channel.inflight is None:
+        if self._wire().inflight(shard) is None:
             self._send_next(shard, channel)
         return future
 
     def _send_next(self, shard: int, channel: _Channel) -> None:
-        if not channel.pending or channel.inflight is not None or channel.held is not None:
+        if not channel.pending or self._wire().inflight(shard) is not None or channel.held is not None:
             return
         wait_s = channel.last_sent + self.min_interval_s - self._running_loop().time()
         if wait_s > 0:
@@ -375,57 +354,26 @@ class StatsClient:
         )
         with_layout = layout.id not in channel.known_layouts
         frames = protocol.encode_push(push, shard, with_layout)
-        request = _Request(shard, self._seq, frames, pending.waiters, layout, push)
         channel.known_layouts.add(layout.id)
-        channel.inflight = request
-        self._transmit(request)
+        self._wire().send(Request(shard, self._seq, frames, pending.waiters, context=push))
 
     def _release(self, shard: int, channel: _Channel) -> None:
         channel.held = None
         self._send_next(shard, channel)
 
-    async def _collect(self, step: int, futures: Mapping[int, asyncio.Future[Any]]) -> PushResult:
-        await asyncio.wait(futures.values(), timeout=self._give_up_s())
-        parts, reasons, rejected = [], {}, None
-        for shard, future in futures.items():
-            if not future.done():
-                future.cancel()
-                reasons[shard] = "no answer in time"
-            elif future.cancelled():
-                reasons[shard] = "the client was closed"
-            elif isinstance(future.exception(), Unavailable):
-                reasons[shard] = str(future.exception())
-            elif future.exception() is not None:
-                rejected = future.exception()
-            else:
-                parts.append(future.result())
-        result = PushResult(step, tuple(parts))
-        if rejected is not None:
-            raise rejected
-        if reasons:
-            raise Unavailable(reasons, result)
-        return result
-
     def _give_up_s(self) -> float:
         """Longest a push can take: its own request and the one ahead of it, every retry."""
-        per_request = (self.retries + 1) * self.timeout_s + sum(self._backoff(a) for a in range(1, self.retries + 1))
-        per_request += self.min_interval_s
-        return 2 * per_request + 1.0
-
-    def _backoff(self, attempt: int) -> float:
-        return min(self.backoff_s * 2 ** (attempt - 1), 2.0)
+        return 2 * (self._wire().request_budget_s() + self.min_interval_s) + 1.0
 
     async def _request_once(self, key: int, frames: list[Any]) -> Any:
-        """A control request (HELLO) on its own channel, with the same retries as a push."""
-        channel = self._channels.setdefault(key, _Channel())
-        if channel.inflight is not None:  # someone asked already: wait for the same answer
-            future = self._running_loop().create_future()
-            channel.inflight.waiters.append(future)
+        """A control request (HELLO) with the same retries as a push."""
+        future = self._running_loop().create_future()
+        asked = self._wire().inflight(key)
+        if asked is not None:  # someone asked already: wait for the same answer
+            asked.waiters.append(future)
         else:
-            future = self._running_loop().create_future()
             self._seq += 1
-            channel.inflight = _Request(key, self._seq, frames, [future])
-            self._transmit(channel.inflight)
+            self._wire().send(Request(key, self._seq, frames, [future]))
         done, _ = await asyncio.wait([future], timeout=self._give_up_s())
         if not done:
             future.cancel()
@@ -434,163 +382,96 @@ class StatsClient:
             raise Unavailable({"broker": "the client was closed"})
         return future.result()
 
-    # -- the socket ---------------------------------------------------------------------------
+    # -- replies: what each means -------------------------------------------------------------
 
     def _running_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
             raise RuntimeError("StatsClient is not open: use 'async with StatsClient(...)' or await open()")
         return self._loop
 
-    def _connect(self) -> None:
-        sock = tune(zmq.Context.instance().socket(zmq.DEALER), 100, self.max_message_bytes)
-        if self.keys is not None:
-            self.keys.apply(sock)
-        sock.connect(self.frontend)
-        self._sock = sock
-        self._running_loop().add_reader(sock.getsockopt(zmq.FD), self._drain)
+    def _wire(self) -> Transport:
+        self._running_loop()
+        assert self._transport is not None
+        return self._transport
 
-    def _disconnect(self) -> None:
-        if self._sock is not None:
-            if self._loop is not None and not self._loop.is_closed():
-                self._loop.remove_reader(self._sock.getsockopt(zmq.FD))
-            self._sock.close(linger=0)
-            self._sock = None
-
-    def _transmit(self, request: _Request) -> None:
-        assert self._sock is not None
-        try:
-            self._sock.send_multipart(request.frames, zmq.NOBLOCK, copy=False)
-            self.stats["messages"] += 1
-        except zmq.Again:
-            pass  # queue full or no peer yet: the deadline retries it
-        request.sent_at = self._running_loop().time()
-        request.deadline = request.sent_at + self.timeout_s
-        self._arm()
-        # ZMQ_FD is edge-triggered and a send may consume the edge of a waiting reply.
-        self._running_loop().call_soon(self._drain)
-
-    def _drain(self) -> None:
-        sock = self._sock
-        while sock is not None and sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                break
-            try:
-                self._on_reply(frames)
-            # A defect in handling one reply must not strand the others behind it: the socket's
-            # descriptor is edge-triggered, and unread messages would wait for the next event.
-            except Exception:
-                self.stats["errors"] += 1
-                log.exception("client: could not handle a reply")
-            sock = self._sock
-
-    def _on_reply(self, frames: list[zmq.Frame]) -> None:
-        self._last_reply_at = self._running_loop().time()
-        try:
-            msg = protocol.decode(frames, self.max_message_bytes)
-        except ProtocolError as exc:
-            self.stats["errors"] += 1
-            log.warning("client: unreadable reply: %s", exc)
-            return
-        channel = self._channels.get(msg.key)
-        request = channel.inflight if channel is not None else None
-        if request is None:
-            return  # a late answer to a request already settled
+    def _on_reply(self, request: Request, msg: protocol.Message) -> None:
         try:
             if msg.command is Command.ERROR:
                 self._on_error(request, protocol.parse_error(msg))
             elif msg.command is Command.WELCOME and request.key == BROKER_KEY:
                 self._settle(request, protocol.parse_welcome(msg))
-            elif msg.command is Command.HISTORY and request.layout is not None:
-                reply = protocol.parse_history(msg, request.layout)
+            elif msg.command is Command.HISTORY and request.context is not None:
+                layout = request.context.layout
+                reply = protocol.parse_history(msg, layout)
                 if reply.seq == request.seq:
                     self.stats["replies"] += 1
-                    self._settle(request, (request.layout, reply))
+                    self._settle(request, (layout, reply))
         except ProtocolError as exc:
             self.stats["errors"] += 1
             log.warning("client: invalid reply from shard %s: %s", msg.key, exc)
 
-    def _on_error(self, request: _Request, err: protocol.Error) -> None:
+    def _on_error(self, request: Request, err: protocol.Error) -> None:
         if err.seq is not None and err.seq != request.seq:
             return
         self.stats["errors"] += 1
-        if err.code is ErrorCode.UNKNOWN_LAYOUT and request.push is not None:
+        if err.code is ErrorCode.UNKNOWN_LAYOUT and request.context is not None:
             # The aggregator lost its layouts (restarted without a snapshot): send it in full.
-            request.frames = protocol.encode_push(request.push, request.key, with_layout=True)
-            self._transmit(request)
+            self._wire().resend(request, protocol.encode_push(request.context, request.key, with_layout=True))
         elif err.code in (ErrorCode.NO_SHARD, ErrorCode.WRONG_SHARD, ErrorCode.TIMEOUT):
             self._shards = None  # the shard table may have changed: ask again next time
             self._settle(request, Unavailable({request.key: f"{err.code.value}: {err.message}"}))
         else:
             self._settle(request, Rejected(err.code, err.message))
 
-    def _settle(self, request: _Request, outcome: Any) -> None:
-        channel = self._channels[request.key]
-        channel.inflight = None
-        for waiter in request.waiters:
-            if waiter.done():
-                continue
-            if isinstance(outcome, BaseException):
-                waiter.set_exception(outcome)
-            else:
-                waiter.set_result(outcome)
-        self._send_next(request.key, channel)
+    def _on_gave_up(self, request: Request) -> None:
+        self._shards = None
+        who = request.key if request.key != BROKER_KEY else "broker"
+        self._settle(request, Unavailable({who: f"no reply after {request.attempts} attempts"}))
 
-    # -- timeouts: the Lazy Pirate ---------------------------------------------------------------
+    def _settle(self, request: Request, outcome: Any) -> None:
+        self._wire().settle(request, outcome)
+        channel = self._channels.get(request.key)
+        if channel is not None:
+            self._send_next(request.key, channel)
 
-    def _inflight(self) -> list[_Request]:
-        return [c.inflight for c in self._channels.values() if c.inflight is not None]
 
-    def _arm(self) -> None:
-        deadlines = [r.deadline for r in self._inflight() if r.deadline is not None]
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if deadlines:
-            self._timer = self._running_loop().call_at(min(deadlines), self._on_timer)
+def _flatten(
+    layout: Layout,
+    step: int,
+    stats: Mapping[str, Moments],
+    dtype: str,
+    images: Mapping[str, float] | None,
+    gradients: Mapping[str, GradientMeans] | None,
+) -> _Pending:
+    """One shard's part of a push, as flat arrays in the wire dtype."""
+    kind = np.dtype(dtype).type
+    try:
+        flat = LayerMoments(*layout.flatten(stats, kind))
+        grads = None if gradients is None else layout.flatten_gradients(gradients, kind)
+    except LayoutError as exc:
+        raise Rejected(ErrorCode.LAYOUT, str(exc)) from None
+    return _Pending(layout, flat, layout.per_layer(images or {}, flat.counts), grads, step, dtype)
 
-    def _on_timer(self) -> None:
-        self._timer = None
-        now = self._running_loop().time()
-        expired = [r for r in self._inflight() if r.deadline is not None and r.deadline <= now]
-        if not expired:
-            self._arm()
-            return
-        # Lazy Pirate: when nothing at all came back since these requests left, the connection is
-        # suspect: start over with a fresh socket, and resend everything that went out over the
-        # old one.  When other answers did arrive, the socket is fine: resend only the late ones.
-        sent_at = min(r.sent_at for r in expired)
-        if self._last_reply_at < sent_at:
-            self._disconnect()
-            self._connect()
-            resend = self._inflight()
+
+async def _collect(step: int, futures: Mapping[int, asyncio.Future[Any]], timeout_s: float) -> PushResult:
+    """One push's result from its shards' futures: what answered, or why not."""
+    await asyncio.wait(futures.values(), timeout=timeout_s)
+    parts, reasons, rejected = [], {}, None
+    for shard, future in futures.items():
+        if not future.done():
+            future.cancel()
+            reasons[shard] = "no answer in time"
+        elif future.cancelled():
+            reasons[shard] = "the client was closed"
+        elif isinstance(future.exception(), Unavailable):
+            reasons[shard] = str(future.exception())
+        elif future.exception() is not None:
+            rejected = future.exception()
         else:
-            resend = expired
-        for request in resend:
-            request.deadline = None
-        attempts = 0
-        for request in expired:
-            request.attempts += 1
-            attempts = max(attempts, request.attempts)
-            if request.attempts > self.retries:
-                self._shards = None
-                who = request.key if request.key != BROKER_KEY else "broker"
-                self._settle(request, Unavailable({who: f"no reply after {request.attempts} attempts"}))
-        self.stats["retries"] += len(expired)
-        if self._resend is not None:
-            self._resend.cancel()
-        self._resend = self._running_loop().call_later(self._backoff(max(attempts, 1)), self._retransmit)
-
-    def _retransmit(self) -> None:
-        self._resend = None
-        for request in self._inflight():
-            if request.deadline is None:
-                self._transmit(request)
-
-
-def _waiters(channel: _Channel) -> Iterator[asyncio.Future[Any]]:
-    if channel.inflight is not None:
-        yield from channel.inflight.waiters
-    for pending in channel.pending.values():
-        yield from pending.waiters
+            parts.append(future.result())
+    result = PushResult(step, tuple(parts))
+    if rejected is not None:
+        raise rejected
+    if reasons:
+        raise Unavailable(reasons, result)
+    return result

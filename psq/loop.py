@@ -21,76 +21,30 @@ and it recovers by itself.  No wait anywhere is unbounded.
 each layer ``exchange`` its statistics and block until the pooled statistics of that step
 arrive: SyncBatchNorm's forward, for verification.
 
-This module does not import torch: what layers submit is numpy, or a :class:`Submission`
-whose ``ready`` callable says when a device-to-host copy has landed.
+This module does not import torch: what layers submit is numpy, or a
+:class:`~psq.pushes.Submission` whose ``ready`` callable says when a device-to-host copy has
+landed.  The loop's parts: :mod:`psq.loop_thread` (its thread), :mod:`psq.steps` (the step
+bookkeeping), :mod:`psq.pushes` (pushes and histories), ``LoopCounters`` (its counts).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import logging
 import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
-from psq.client import PushResult, Rejected, StatsClient, Unavailable
+from psq.client import Rejected, StatsClient, Unavailable
 from psq.config import DEFAULT_FRONTEND
 from psq.counters import LoopCounters
-from psq.logs import Throttled
 from psq.loop_thread import LoopThread, run_threadsafe
+from psq.pushes import GradientSubmission, LayerHistory, Pushes, Submission
 from psq.security import ClientKeys
-from psq.stats import GradientMeans, Moments, pool_gradients
+from psq.stats import Moments
 from psq.steps import ClosedStep, ExchangeSteps, StepBook
-
-log = logging.getLogger("psq.loop")
-
-POLL_S = 0.0005  # how often a step waits for device copies to land
-LANDING_TIMEOUT_S = 10.0
-
-
-@dataclass(frozen=True)
-class Submission:
-    """One layer's batch statistics for one step: count, mean, biased variance (1-d numpy), and
-    the images (batch items) they came from (None: each element is one).
-
-    ``ready`` (if given) returns True once the arrays hold their values — a CUDA event for a
-    device-to-host copy that was started without blocking.
-    """
-
-    count: float
-    mean: np.ndarray
-    var: np.ndarray
-    ready: Callable[[], bool] | None = None
-    images: float | None = None
-
-
-@dataclass(frozen=True)
-class GradientSubmission:
-    """One layer's backward statistics for one step: the means of ``∂L/∂y`` and ``∂L/∂y·x̂``
-    (:class:`psq.stats.GradientMeans`) over ``count`` elements; ``ready`` as for :class:`Submission`."""
-
-    count: float
-    dy: np.ndarray
-    dy_xhat: np.ndarray
-    ready: Callable[[], bool] | None = None
-
-
-@dataclass(frozen=True)
-class LayerHistory:
-    """The cluster's history of one layer, as the latest reply carried it."""
-
-    moments: Moments  # biased variance
-    version: int  # updates the aggregator has applied to this layer
-    step: int  # the step whose push brought it back
-    gradient: GradientMeans | None = None  # the gradient history, once a push carried gradients
-    seen: float = 0.0  # images that ever arrived for this layer, from every worker
 
 
 class ForkedLoop(RuntimeError):
@@ -129,12 +83,9 @@ class WorkerLoop:
         self._steps: StepBook[Submission, GradientSubmission] = StepBook(auto_step)
         self._exchanges = ExchangeSteps()
         self._outstanding = 0  # steps handed to the event loop and not yet answered or given up
-        self._histories: dict[str, LayerHistory] = {}
         self._counters = LoopCounters()
-        self._away = False
-        self._refusals = Throttled(log)  # a refusal repeats every step it stays true
+        self._pushes = Pushes(dtype, self._lock, self._counters)
         self._loop: asyncio.AbstractEventLoop | None = None  # where the client runs
-        self._client: StatsClient | None = None
         self._host = LoopThread(f"psq-{worker}")
         self._tasks: set[asyncio.Task[Any]] = set()
         self._pid = os.getpid()
@@ -143,6 +94,11 @@ class WorkerLoop:
     @property
     def auto_step(self) -> bool:
         return self._steps.auto_step
+
+    @property
+    def client(self) -> StatsClient | None:
+        """The client while the loop runs (its ``stats``, its connection), else None."""
+        return self._pushes.client
 
     # -- running on a background thread --------------------------------------------------------
 
@@ -175,7 +131,7 @@ class WorkerLoop:
         timeout_s = max(self.timeout_s, self.sync_timeout_s + 1.0) if self.mode == "sync" else self.timeout_s
         # In async mode a minimum interval between pushes bounds the message rate of a fast trainer:
         # the steps in between are merged, not dropped.  Sync mode must send every exchange at once.
-        self._client = StatsClient(
+        self._pushes.client = StatsClient(
             self.frontend,
             job=self.job,
             worker=self.worker,
@@ -184,16 +140,16 @@ class WorkerLoop:
             min_interval_s=self.push_interval_s if self.mode == "async" else 0,
             keys=self.keys,
         )
-        await self._client.open()
+        await self._pushes.client.open()
 
     async def _close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
         # Final bookkeeping must finish even if the closing task is itself cancelled.
         await asyncio.shield(asyncio.gather(*self._tasks, return_exceptions=True))
-        if self._client is not None:
-            await self._client.close()
-        self._client = None
+        if self._pushes.client is not None:
+            await self._pushes.client.close()
+        self._pushes.client = None
         with self._lock:
             self._outstanding = 0
             self._lock.notify_all()
@@ -239,13 +195,13 @@ class WorkerLoop:
         """Push a closed step on the event loop (called with the lock held)."""
         if closed is None or not closed.entries:
             return
-        if self._loop is not None and self._client is not None:
+        if self._loop is not None and self._pushes.client is not None:
             self._outstanding += 1
             self._loop.call_soon_threadsafe(self._spawn, self._push(closed))
 
     def history(self, name: str) -> LayerHistory | None:
         """The latest history of a layer (None before the first answer)."""
-        return self._histories.get(name)
+        return self._pushes.histories.get(name)
 
     def note_staleness(self, steps: int) -> None:
         """Record how old (in steps) the history a layer normalized with was."""
@@ -257,7 +213,7 @@ class WorkerLoop:
         self._forbid_loop_thread("wait for fresher history")
 
         def fresh_or_hopeless() -> bool:
-            h = self._histories.get(name)
+            h = self._pushes.histories.get(name)
             return self._outstanding == 0 or (h is not None and h.step >= min_step)
 
         with self._lock:
@@ -275,22 +231,23 @@ class WorkerLoop:
             number = self._exchanges.begin(name)
         try:
             return run_threadsafe(
-                loop, self._exchange(name, number, stats), self.sync_timeout_s + 2 * self.timeout_s + 5.0
+                loop, self._pushes.exchange(name, number, stats), self.sync_timeout_s + 2 * self.timeout_s + 5.0
             )
         except concurrent.futures.TimeoutError:
-            self._went_away("no pooled statistics in time")
+            self._pushes.went_away("no pooled statistics in time")
             return None
 
     def wait_ready(self, timeout_s: float) -> bool:
         """Wait until the broker names a live shard table (True), or ``timeout_s`` passes."""
         self._forbid_loop_thread("wait for the statistics service")
         loop = self._running()
-        assert self._client is not None
+        client = self._pushes.client
+        assert client is not None
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
                 # shard_count is itself bounded by the client's retries; this only guards against a stall
-                run_threadsafe(loop, self._client.shard_count(), self.timeout_s * (self.retries + 2) + 5.0)
+                run_threadsafe(loop, client.shard_count(), self.timeout_s * (self.retries + 2) + 5.0)
                 return True
             except (Unavailable, Rejected, concurrent.futures.TimeoutError):
                 time.sleep(min(0.2, max(deadline - time.monotonic(), 0.0)))
@@ -320,8 +277,8 @@ class WorkerLoop:
 
     def summary(self) -> dict[str, Any]:
         summary = self._counters.summary(self._steps.number + self._exchanges.number)
-        if self._client is not None:
-            summary["client"] = dict(self._client.stats)
+        if self._pushes.client is not None:
+            summary["client"] = dict(self._pushes.client.stats)
         return summary
 
     # -- on the loop ------------------------------------------------------------------------------
@@ -333,118 +290,16 @@ class WorkerLoop:
 
     async def _push(self, closed: ClosedStep[Submission, GradientSubmission]) -> None:
         try:
-            number, entries, gradients = closed.number, closed.entries, closed.gradients
-            if not await self._landed([*entries.values(), *(g for gs in gradients.values() for g in gs)], number):
-                return
-            stats = {name: Moments(s.count, s.mean, s.var) for name, s in entries.items()}
-            images = {name: s.images for name, s in entries.items() if s.images is not None}
-            grads = self._finite(number, gradients) if gradients else None
-            await self._send(number, stats, images, grads, f"step {number}'s statistics")
+            await self._pushes.push(closed)
         finally:
             with self._lock:
                 self._outstanding = max(0, self._outstanding - 1)
                 self._lock.notify_all()
 
-    async def _exchange(self, name: str, number: int, stats: Submission) -> tuple[Moments, bool] | None:
-        if not await self._landed([stats], number):
-            return None
-        images = {name: stats.images} if stats.images is not None else {}
-        moments = {name: Moments(stats.count, stats.mean, stats.var)}
-        result = await self._send(number, moments, images, None, f"layer {name}'s statistics of step {number}")
-        return None if result is None else (result[name], result.complete)
-
-    async def _send(
-        self,
-        number: int,
-        stats: Mapping[str, Moments],
-        images: Mapping[str, float],
-        gradients: Mapping[str, GradientMeans] | None,
-        what: str,
-    ) -> PushResult | None:
-        """Push and keep the history that comes back; None, counted and logged, when the
-        service is away or refuses."""
-        assert self._client is not None
-        self._counters.pushes += 1
-        try:
-            result = await self._client.push(number, stats, self.dtype, images=images, gradients=gradients)
-        except Unavailable as exc:
-            self._counters.unavailable += 1
-            if exc.partial is not None:
-                self._record(number, exc.partial, back=False)
-            self._went_away(str(exc))
-            return None
-        except Rejected as exc:
-            self._counters.rejected += 1
-            self._refusals.error((exc.code, what), "psq: the aggregator refused %s: %s", what, exc)
-            return None
-        self._record(number, result)
-        return result
-
-    def _finite(self, number: int, gradients: Mapping[str, list[GradientSubmission]]) -> dict[str, GradientMeans]:
-        """Each layer's backward statistics of the step, pooled; those with NaN or infinity left
-        out (a mixed-precision step whose loss scale overflowed: its moments still go)."""
-        out = {}
-        for name, parts in gradients.items():
-            pooled = pool_gradients([GradientMeans(p.count, p.dy, p.dy_xhat) for p in parts])
-            if np.isfinite(pooled.dy).all() and np.isfinite(pooled.dy_xhat).all():
-                out[name] = pooled
-            else:
-                self._counters.nonfinite_gradients += 1
-                log.debug("psq: step %d's gradient statistics of %s are not finite; not sent", number, name)
-        return out
-
-    async def _landed(self, entries: list[Submission | GradientSubmission], number: int) -> bool:
-        """Wait for device copies, polling (a CUDA event cannot be awaited) so the event loop
-        stays free; False (the step is dropped, not pushed half-copied) if they have not landed
-        after ``LANDING_TIMEOUT_S``."""
-        deadline = time.monotonic() + LANDING_TIMEOUT_S
-        for s in entries:
-            while s.ready is not None and not s.ready():
-                if time.monotonic() > deadline:
-                    log.error(
-                        "psq: step %d's device copies did not land in %.0f s; the step is not pushed",
-                        number,
-                        LANDING_TIMEOUT_S,
-                    )
-                    return False
-                await asyncio.sleep(POLL_S)
-        return True
-
-    def _record(self, number: int, result: PushResult, back: bool = True) -> None:
-        """Keep the history a reply carried (``back``: a complete answer, not a partial one)."""
-        if back:
-            self._counters.answered += 1
-        versions = result.versions
-        with self._lock:
-            # Replies of a shard arrive in order (one request in flight per shard), so the latest
-            # wins, even with a lower version: a restarted aggregator counts from its snapshot.
-            # Merged pushes share one reply: it keeps the newest step's label.
-            for name in result:
-                old = self._histories.get(name)
-                if old is None or old.version != versions[name] or old.step < number:
-                    # a reply to a push without gradients carries no gradient history: keep the last
-                    gradient = result.gradient(name) or (old.gradient if old is not None else None)
-                    self._histories[name] = LayerHistory(
-                        result[name], versions[name], number, gradient, result.seen(name)
-                    )
-            self._lock.notify_all()
-        if back and self._away:
-            self._away = False
-            log.warning("psq: the statistics service answers again")
-
-    def _went_away(self, why: str) -> None:
-        if not self._away:
-            self._away = True
-            log.warning(
-                "psq: statistics service unreachable (%s); training goes on with batch statistics "
-                "and the last history received",
-                why,
-            )
-
     # -- guards -----------------------------------------------------------------------------------
 
     def _running(self) -> asyncio.AbstractEventLoop:
-        if self._loop is None or self._client is None:
+        if self._loop is None or self._pushes.client is None:
             raise RuntimeError("the WorkerLoop is not running: start() it, or enter it with 'async with'")
         return self._loop
 
@@ -464,7 +319,7 @@ class WorkerLoop:
 
     def _forget_after_fork(self) -> None:
         # The child inherits copies of the parent's sockets and thread state: never touch them.
-        self._loop = self._client = None
+        self._loop = self._pushes.client = None
         self._host.forget()
         self._tasks = set()
 

@@ -36,7 +36,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from psq import ops
 from psq.kernels import FLOAT_STATS, Blend, BlendedNorm, batch_stats
-from psq.loop import GradientSubmission, LayerHistory, Submission, WorkerLoop
+from psq.loop import WorkerLoop
+from psq.pushes import GradientSubmission, LayerHistory, Submission
 from psq.stats import GRADIENTS, Moments, blend_weight, remove, unbiased_var, warmed_up
 
 # Defaults chosen on digits settings (a) and (b), then checked on (c), (d) and a ResNet: docs/accuracy.md.

@@ -89,11 +89,11 @@ def test_stop_leaves_no_thread_and_no_socket(cluster):
     loop = WorkerLoop(c.endpoints.frontend, job="job", worker="w0").start()
     loop.submit("a", submission(0))
     loop.flush(10)
-    client = loop._client
-    assert client is not None and client._sock is not None
+    client = loop.client
+    assert client is not None and client.connected
     loop.stop()
     assert set(threading.enumerate()) == before
-    assert client._sock is None and loop._client is None
+    assert not client.connected and loop.client is None
 
 
 def test_stop_returns_even_when_the_service_never_answers(ipc_dir):

@@ -1,0 +1,193 @@
+"""What a worker sends and what comes back: its layers' statistics, and the cluster's history.
+
+:class:`Pushes` sends a closed step (or, in sync mode, one layer's exchange) through the
+:class:`~psq.client.StatsClient` on the event loop, counts what became of it, and keeps the
+latest history of every layer it brought back.  When the service is away it logs once, and
+once when it answers again; a refusal that repeats every step is logged once a minute.
+
+This module does not import torch: what layers submit is numpy, or a :class:`Submission`
+whose ``ready`` callable says when a device-to-host copy has landed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from psq.client import PushResult, Rejected, StatsClient, Unavailable
+from psq.counters import LoopCounters
+from psq.logs import Throttled
+from psq.stats import GradientMeans, Moments, pool_gradients
+from psq.steps import ClosedStep
+
+log = logging.getLogger("psq.loop")
+
+POLL_S = 0.0005  # how often a step waits for device copies to land
+LANDING_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class Submission:
+    """One layer's batch statistics for one step: count, mean, biased variance (1-d numpy), and
+    the images (batch items) they came from (None: each element is one).
+
+    ``ready`` (if given) returns True once the arrays hold their values — a CUDA event for a
+    device-to-host copy that was started without blocking.
+    """
+
+    count: float
+    mean: np.ndarray
+    var: np.ndarray
+    ready: Callable[[], bool] | None = None
+    images: float | None = None
+
+
+@dataclass(frozen=True)
+class GradientSubmission:
+    """One layer's backward statistics for one step: the means of ``∂L/∂y`` and ``∂L/∂y·x̂``
+    (:class:`psq.stats.GradientMeans`) over ``count`` elements; ``ready`` as for :class:`Submission`."""
+
+    count: float
+    dy: np.ndarray
+    dy_xhat: np.ndarray
+    ready: Callable[[], bool] | None = None
+
+
+@dataclass(frozen=True)
+class LayerHistory:
+    """The cluster's history of one layer, as the latest reply carried it."""
+
+    moments: Moments  # biased variance
+    version: int  # updates the aggregator has applied to this layer
+    step: int  # the step whose push brought it back
+    gradient: GradientMeans | None = None  # the gradient history, once a push carried gradients
+    seen: float = 0.0  # images that ever arrived for this layer, from every worker
+
+
+class Pushes:
+    """A worker's pushes through its client (set while it is open), and the histories they brought."""
+
+    def __init__(self, dtype: str, lock: threading.Condition, counters: LoopCounters) -> None:
+        self.dtype, self.counters = dtype, counters
+        self.client: StatsClient | None = None
+        self.histories: dict[str, LayerHistory] = {}  # written under ``lock``, which is notified
+        self._lock = lock
+        self._away = False
+        self._refusals = Throttled(log)  # a refusal repeats every step it stays true
+
+    async def push(self, closed: ClosedStep[Submission, GradientSubmission]) -> None:
+        """Push a closed step, once its device copies landed; the gradients that are finite."""
+        number, entries, gradients = closed.number, closed.entries, closed.gradients
+        if not await landed([*entries.values(), *(g for gs in gradients.values() for g in gs)], number):
+            return
+        stats = {name: Moments(s.count, s.mean, s.var) for name, s in entries.items()}
+        images = {name: s.images for name, s in entries.items() if s.images is not None}
+        grads, dropped = finite_gradients(number, gradients)
+        self.counters.nonfinite_gradients += dropped
+        await self.send(number, stats, images, grads or None, f"step {number}'s statistics")
+
+    async def exchange(self, name: str, number: int, stats: Submission) -> tuple[Moments, bool] | None:
+        if not await landed([stats], number):
+            return None
+        images = {name: stats.images} if stats.images is not None else {}
+        moments = {name: Moments(stats.count, stats.mean, stats.var)}
+        result = await self.send(number, moments, images, None, f"layer {name}'s statistics of step {number}")
+        return None if result is None else (result[name], result.complete)
+
+    async def send(
+        self,
+        number: int,
+        stats: Mapping[str, Moments],
+        images: Mapping[str, float],
+        gradients: Mapping[str, GradientMeans] | None,
+        what: str,
+    ) -> PushResult | None:
+        """Push and keep the history that comes back; None, counted and logged, when the
+        service is away or refuses."""
+        assert self.client is not None
+        self.counters.pushes += 1
+        try:
+            result = await self.client.push(number, stats, self.dtype, images=images, gradients=gradients)
+        except Unavailable as exc:
+            self.counters.unavailable += 1
+            if exc.partial is not None:
+                self.record(number, exc.partial, back=False)
+            self.went_away(str(exc))
+            return None
+        except Rejected as exc:
+            self.counters.rejected += 1
+            self._refusals.error((exc.code, what), "psq: the aggregator refused %s: %s", what, exc)
+            return None
+        self.record(number, result)
+        return result
+
+    def record(self, number: int, result: PushResult, back: bool = True) -> None:
+        """Keep the history a reply carried (``back``: a complete answer, not a partial one)."""
+        if back:
+            self.counters.answered += 1
+        versions = result.versions
+        with self._lock:
+            # Replies of a shard arrive in order (one request in flight per shard), so the latest
+            # wins, even with a lower version: a restarted aggregator counts from its snapshot.
+            # Merged pushes share one reply: it keeps the newest step's label.
+            for name in result:
+                old = self.histories.get(name)
+                if old is None or old.version != versions[name] or old.step < number:
+                    # a reply to a push without gradients carries no gradient history: keep the last
+                    gradient = result.gradient(name) or (old.gradient if old is not None else None)
+                    self.histories[name] = LayerHistory(
+                        result[name], versions[name], number, gradient, result.seen(name)
+                    )
+            self._lock.notify_all()
+        if back and self._away:
+            self._away = False
+            log.warning("psq: the statistics service answers again")
+
+    def went_away(self, why: str) -> None:
+        if not self._away:
+            self._away = True
+            log.warning(
+                "psq: statistics service unreachable (%s); training goes on with batch statistics "
+                "and the last history received",
+                why,
+            )
+
+
+async def landed(entries: list[Submission | GradientSubmission], number: int) -> bool:
+    """Wait for a step's device copies, polling (a CUDA event cannot be awaited) so the event
+    loop stays free; False (the step is dropped, not pushed half-copied) if they have not landed
+    after ``LANDING_TIMEOUT_S``."""
+    deadline = time.monotonic() + LANDING_TIMEOUT_S
+    for s in entries:
+        while s.ready is not None and not s.ready():
+            if time.monotonic() > deadline:
+                log.error(
+                    "psq: step %d's device copies did not land in %.0f s; the step is not pushed",
+                    number,
+                    LANDING_TIMEOUT_S,
+                )
+                return False
+            await asyncio.sleep(POLL_S)
+    return True
+
+
+def finite_gradients(
+    number: int, gradients: Mapping[str, list[GradientSubmission]]
+) -> tuple[dict[str, GradientMeans], int]:
+    """Each layer's backward statistics of the step, pooled, and how many layers' were left out
+    for NaN or infinity (a mixed-precision step whose loss scale overflowed: its moments still go)."""
+    out, dropped = {}, 0
+    for name, parts in gradients.items():
+        pooled = pool_gradients([GradientMeans(p.count, p.dy, p.dy_xhat) for p in parts])
+        if np.isfinite(pooled.dy).all() and np.isfinite(pooled.dy_xhat).all():
+            out[name] = pooled
+        else:
+            dropped += 1
+            log.debug("psq: step %d's gradient statistics of %s are not finite; not sent", number, name)
+    return out, dropped
