@@ -19,6 +19,26 @@ from psq.config import DEFAULT_HALF_LIFE_IMAGES
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def start_service(folder: Path, env: dict[str, str], frontend: str) -> subprocess.Popen[bytes]:
+    """The Procfile's broker and aggregator under honcho in ``folder``, once the shard is live."""
+    (folder / "Procfile").write_text((ROOT / "Procfile").read_text())
+    honcho = subprocess.Popen(
+        [sys.executable, "-m", "honcho", "start", "broker", "aggregator"],
+        cwd=folder,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        wait_until(lambda: live_shards(frontend) == {0}, what="honcho's aggregator to register")
+    except AssertionError:
+        os.killpg(honcho.pid, signal.SIGKILL)  # leave no service behind a failed start
+        honcho.wait(10)
+        raise
+    return honcho
+
+
 def test_honcho_runs_broker_and_aggregator_and_the_readme_examples_talk_to_them(endpoints, tmp_path):
     env = {
         **os.environ,
@@ -28,17 +48,8 @@ def test_honcho_runs_broker_and_aggregator_and_the_readme_examples_talk_to_them(
     }
     run = tmp_path / "run"
     run.mkdir()
-    (run / "Procfile").write_text((ROOT / "Procfile").read_text())
-    honcho = subprocess.Popen(
-        [sys.executable, "-m", "honcho", "start", "broker", "aggregator"],
-        cwd=run,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    honcho = start_service(run, env, endpoints.frontend)
     try:
-        wait_until(lambda: live_shards(endpoints.frontend) == {0}, what="honcho's aggregator to register")
         script = tmp_path / "example.py"
         script.write_text(example("client"))
         out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=60)
@@ -72,7 +83,6 @@ def test_honcho_runs_broker_and_aggregator_and_the_readme_examples_talk_to_them(
 def test_one_env_file_configures_broker_and_aggregator_metrics_ports_included(endpoints, tmp_path):
     """honcho reads .env for every process: each role takes its own variables from it."""
     broker_port, aggregator_port = free_tcp_port(), free_tcp_port()
-    (tmp_path / "Procfile").write_text((ROOT / "Procfile").read_text())
     (tmp_path / ".env").write_text(
         f"PSQ_FRONTEND={endpoints.frontend}\nPSQ_BACKEND={endpoints.backend}\n"
         f"PSQ_BROKER_METRICS_PORT={broker_port}\nPSQ_AGGREGATOR_METRICS_PORT={aggregator_port}\n"
@@ -80,16 +90,8 @@ def test_one_env_file_configures_broker_and_aggregator_metrics_ports_included(en
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("PSQ_")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
-    honcho = subprocess.Popen(
-        [sys.executable, "-m", "honcho", "start", "broker", "aggregator"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    honcho = start_service(tmp_path, env, endpoints.frontend)
     try:
-        wait_until(lambda: live_shards(endpoints.frontend) == {0}, what="honcho's aggregator to register")
         status = json.loads(run_psq("status", "--json", "--frontend", endpoints.frontend).stdout)
         assert status["shard_reports"]["0"]["half_life"] == 64
         assert value(scrape(broker_port), "psq_aggregators_live") == 1

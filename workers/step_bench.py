@@ -15,15 +15,15 @@ All three turn DDP's buffer sync off (``ddp_buffer_sync(False)``), so no method 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -34,6 +34,8 @@ from torch import nn
 
 from psq.bench.services import cluster
 from psq.bench.timing import emit
+from psq.command import settings_main
+from psq.config import DEFAULT_FRONTEND, SettingsError, endpoint, non_negative_int, positive_int, setting
 from psq.loop import WorkerLoop
 from psq.torch import convert_batchnorm, ddp_buffer_sync
 from workers.models import small_resnet
@@ -197,22 +199,31 @@ def run(
     return medians
 
 
-def main(argv: list[str] | None = None) -> None:
-    """One rank, started inside a network namespace by :func:`_measure_delayed`."""
-    parser = argparse.ArgumentParser(prog="python -m workers.step_bench")
-    for flag, kind in (
-        ("--rank", int),
-        ("--rendezvous", str),
-        ("--frontend", str),
-        ("--out", str),
-        ("--steps", int),
-        ("--rounds", int),
-        ("--batch", int),
-    ):
-        parser.add_argument(flag, type=kind, required=True)
-    a = parser.parse_args(argv)
-    _worker(a.rank, a.rendezvous, a.frontend, a.out, a.steps, a.rounds, a.batch)
+@dataclass(frozen=True)
+class StepRank:
+    """One rank of the delayed step benchmark, started inside its network namespace."""
+
+    environment: ClassVar[bool] = False  # flags only: the namespace's environment is the parent's
+    rank: int = setting(0, "this rank", non_negative_int)
+    rendezvous: str = setting("", "the process group's rendezvous, tcp://host:port", str)
+    frontend: str = setting(DEFAULT_FRONTEND, "the broker's frontend address", endpoint)
+    out: Path = setting(Path("step.pt"), "where rank 0 writes the timings", Path)
+    steps: int = setting(20, "steps per method per round", positive_int)
+    rounds: int = setting(5, "timed rounds", positive_int)
+    batch: int = setting(8, "per-worker batch", positive_int)
+
+    def __post_init__(self) -> None:
+        if not self.rendezvous.startswith("tcp://"):
+            raise SettingsError(f"--rendezvous: expected tcp://host:port, got {self.rendezvous!r}")
+
+
+def _rank(s: StepRank) -> int:
+    _worker(s.rank, s.rendezvous, s.frontend, str(s.out), s.steps, s.rounds, s.batch)
+    return 0
+
+
+main = settings_main(StepRank, "python -m workers.step_bench", "one rank of the delayed step benchmark", _rank)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
