@@ -182,7 +182,7 @@ class PSBatchNorm(_BatchNorm):
         assert self.loop is not None
         count = float(x.numel() // x.size(1))
         if self.loop.mode == "sync":
-            return self._sync_forward(x, count, apply)
+            return _sync_forward(self, x, count, apply)
         self.loop.enter(self.name)
         h = self._fresh_history(x)
         if count == 1 and (h is None or not self.history_weight):
@@ -279,41 +279,6 @@ class PSBatchNorm(_BatchNorm):
         self._fill_buffers()
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
-    def _sync_forward(self, x: torch.Tensor, count: float, apply: Apply) -> torch.Tensor:
-        """Normalize with the step's pooled statistics: every worker's batch, SyncBatchNorm's forward.
-
-        The others' moments (the pooled set without this batch) are a constant; gradients flow
-        through this worker's batch with its share of the pooled count.
-        """
-        assert self.loop is not None
-        with torch.no_grad():
-            mean_b, var_b = batch_stats(x if x.dtype in FLOAT_STATS else x.float())
-        answer = self.loop.exchange(self.name, _submission(count, mean_b, var_b, images=float(x.size(0))))
-        own = Moments(count, mean_b.cpu().double().numpy(), var_b.cpu().double().numpy())
-        # An incomplete answer (the step timed out, or this push came late) may not contain this
-        # batch: removing it would extrapolate; another layer's statistics are never applied.
-        # Batch statistics are the safe answer then.
-        if (
-            answer is None
-            or not answer[1]
-            or float(answer[0].count) <= count
-            or np.asarray(answer[0].mean).size != self.num_features
-        ):
-            if count == 1:
-                raise _one_value_error(x)
-            y, mean_b, var_b = apply(x, Blend())
-            self._momentum_update(mean_b, var_b, count)
-            return y
-        pooled = Moments(
-            float(answer[0].count), np.asarray(answer[0].mean, np.float64), np.asarray(answer[0].var, np.float64)
-        )
-        others = remove(pooled, own)
-        share = float(others.count) / float(pooled.count)
-        to = dict(dtype=mean_b.dtype, device=mean_b.device)
-        y, _, _ = apply(x, Blend(share, torch.tensor(others.mean, **to), torch.tensor(others.var, **to)))
-        self._momentum_update(torch.tensor(pooled.mean, **to), torch.tensor(pooled.var, **to), float(pooled.count))
-        return y
-
     def _momentum_update(self, mean: torch.Tensor, var: torch.Tensor, count: float) -> None:
         """nn.BatchNorm's running-average update, for when no cluster history is available."""
         if not self.track_running_stats or self.running_mean is None:
@@ -323,6 +288,42 @@ class PSBatchNorm(_BatchNorm):
         with torch.no_grad():
             self.running_mean.mul_(1 - m).add_(mean.to(self.running_mean.dtype), alpha=m)
             self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
+
+
+def _sync_forward(layer: PSBatchNorm, x: torch.Tensor, count: float, apply: Apply) -> torch.Tensor:
+    """Normalize with the step's pooled statistics: every worker's batch, SyncBatchNorm's forward.
+
+    The others' moments (the pooled set without this batch) are a constant; gradients flow
+    through this worker's batch with its share of the pooled count.
+    """
+    assert layer.loop is not None
+    with torch.no_grad():
+        mean_b, var_b = batch_stats(x if x.dtype in FLOAT_STATS else x.float())
+    answer = layer.loop.exchange(layer.name, _submission(count, mean_b, var_b, images=float(x.size(0))))
+    own = Moments(count, mean_b.cpu().double().numpy(), var_b.cpu().double().numpy())
+    # An incomplete answer (the step timed out, or this push came late) may not contain this
+    # batch: removing it would extrapolate; another layer's statistics are never applied.
+    # Batch statistics are the safe answer then.
+    if (
+        answer is None
+        or not answer[1]
+        or float(answer[0].count) <= count
+        or np.asarray(answer[0].mean).size != layer.num_features
+    ):
+        if count == 1:
+            raise _one_value_error(x)
+        y, mean_b, var_b = apply(x, Blend())
+        layer._momentum_update(mean_b, var_b, count)
+        return y
+    pooled = Moments(
+        float(answer[0].count), np.asarray(answer[0].mean, np.float64), np.asarray(answer[0].var, np.float64)
+    )
+    others = remove(pooled, own)
+    share = float(others.count) / float(pooled.count)
+    to = dict(dtype=mean_b.dtype, device=mean_b.device)
+    y, _, _ = apply(x, Blend(share, torch.tensor(others.mean, **to), torch.tensor(others.var, **to)))
+    layer._momentum_update(torch.tensor(pooled.mean, **to), torch.tensor(pooled.var, **to), float(pooled.count))
+    return y
 
 
 class _DeviceHistory:

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from psq import config
-from psq.bench.settings import JSON_HELP, letters
+from psq.bench.settings import Bench, letters
 from psq.config import (
     DEFAULT_FRONTEND,
     SettingsError,
     choice,
     endpoint,
-    flag,
     name,
     non_negative_float,
     non_negative_int,
@@ -112,24 +111,21 @@ def accuracy_method(text: str) -> Any:
 
 
 @dataclass(frozen=True)
-class StepBench:
+class StepBench(Bench):
     """per-step time: plain BN, synchronized BN, psq (2 DDP workers)"""
 
-    environment: ClassVar[bool] = False
     steps: int = setting(20, "steps per method per round", positive_int)
     rounds: int = setting(5, "timed rounds", positive_int)
     batch: int = setting(8, "per-worker batch", positive_int)
     delays_ms: tuple[float, ...] | None = setting(
         None, "one-way delays to run across, e.g. 0,0.5,2 (needs root: network namespaces)", parse_delays_ms
     )
-    json: bool = setting(False, JSON_HELP, flag)
 
 
 @dataclass(frozen=True)
-class AccuracyBench:
+class AccuracyBench(Bench):
     """test accuracy on digits: per-worker, synchronized and psq batch norm"""
 
-    environment: ClassVar[bool] = False
     settings: str = setting("abcdef", "which of settings a-f", letters("abcdef"))
     seeds: int = setting(3, "seeds per setting and method", positive_int)
     epochs: int = setting(5, "epochs per run", positive_int)
@@ -144,4 +140,3 @@ class AccuracyBench:
         0, "cut every epoch short, for a quick sanity run (0: whole epochs)", non_negative_int
     )
     out: Path = setting(Path("runs/accuracy"), "folder for the table, JSON and PNG", Path)
-    json: bool = setting(False, JSON_HELP, flag)

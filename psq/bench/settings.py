@@ -27,44 +27,44 @@ def letters(allowed: str) -> Callable[[str], str]:
 
 
 @dataclass(frozen=True)
-class CodecBench:
+class Bench:
+    """What every benchmark's command line has: flags only, and a JSON report instead of a table."""
+
+    environment: ClassVar[bool] = False
+    json: bool = setting(False, JSON_HELP, flag)
+
+
+@dataclass(frozen=True)
+class CodecBench(Bench):
     """encode + decode of one step of ResNet-50 statistics"""
 
-    environment: ClassVar[bool] = False
     rounds: int = setting(30, "timed rounds", positive_int)
     per_round: int = setting(200, "messages per round", positive_int)
-    json: bool = setting(False, JSON_HELP, flag)
 
 
 @dataclass(frozen=True)
-class TransportBench:
+class TransportBench(Bench):
     """round trips and pushes/s through broker and aggregators"""
 
-    environment: ClassVar[bool] = False
     round_trips: int = setting(300, "timed round trips", positive_int)
     seconds: float = setting(3.0, "seconds per rate measurement", positive_float)
-    json: bool = setting(False, JSON_HELP, flag)
 
 
 @dataclass(frozen=True)
-class LoadBench:
+class LoadBench(Bench):
     """many simulated workers through 1, 2 and 4 shards"""
 
-    environment: ClassVar[bool] = False
     step_ms: int = setting(250, "simulated step time in milliseconds", positive_int)
     seconds: float = setting(5.0, "seconds per measurement", positive_float)
     max_workers: int = setting(512, "stop there", positive_int)
     shards: str = setting("124", "shard counts to try, as digits", letters("124"))
-    json: bool = setting(False, JSON_HELP, flag)
 
 
 @dataclass(frozen=True)
-class LayerBench:
+class LayerBench(Bench):
     """forward + backward of one PSBatchNorm against nn.BatchNorm2d"""
 
-    environment: ClassVar[bool] = False
     shapes: str = setting("all", "which shapes: small, resnet50 or all", choice("small", "resnet50", "all"))
     rounds: int = setting(7, "timed rounds", positive_int)
     min_round_s: float = setting(0.05, "least seconds per variant per round", positive_float)
     compile: bool = setting(False, "also bn and psq under torch.compile (inductor)", flag)
-    json: bool = setting(False, JSON_HELP, flag)
