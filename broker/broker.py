@@ -177,7 +177,7 @@ class Broker:
     def _check(self, frames: list[zmq.Frame]) -> tuple[Command, int]:
         """The command and shard of a worker's message (its identity frame first), by the
         protocol's frame rules and envelope alone."""
-        size = protocol.check_frames(frames[1:], self.settings.max_message_bytes)
+        size = protocol.check_frames(frames[1:], self.settings.max_message_bytes) + len(frames[0])
         raw = frames[1].bytes
         parsed = self._envelopes.get(raw)
         if parsed is None:

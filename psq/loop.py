@@ -187,6 +187,8 @@ class WorkerLoop:
         """Close the current step and push it in the background; returns its number."""
         self._check_process()
         with self._lock:
+            if self.mode == "sync":  # the next exchange of every layer begins the next step
+                return self._exchanges.close()
             closed = self._steps.close()
             self._hand_over(closed)
             return closed.number
@@ -266,9 +268,11 @@ class WorkerLoop:
             self._push_open_step()
         deadline = time.monotonic() + timeout_s
         await asyncio.sleep(0)  # the pushes just handed over become tasks
-        while self._outstanding > 0 and self._tasks and (left := deadline - time.monotonic()) > 0:
-            await asyncio.wait(list(self._tasks), timeout=left)
-            await asyncio.sleep(0)
+        while self._outstanding > 0 and (left := deadline - time.monotonic()) > 0:
+            if self._tasks:
+                await asyncio.wait(list(self._tasks), timeout=left)
+            else:  # a step handed over from another thread (asyncio.to_thread) is not a task yet
+                await asyncio.sleep(min(left, 0.001))
         return self._outstanding == 0
 
     def _push_open_step(self) -> None:
@@ -276,7 +280,7 @@ class WorkerLoop:
             self._hand_over(self._steps.close())
 
     def summary(self) -> dict[str, Any]:
-        summary = self._counters.summary(self._steps.number + self._exchanges.number)
+        summary = self._counters.summary(self.current_step)
         if self._pushes.client is not None:
             summary["client"] = dict(self._pushes.client.stats)
         return summary

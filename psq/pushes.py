@@ -90,14 +90,17 @@ class Pushes:
         images = {name: s.images for name, s in entries.items() if s.images is not None}
         grads, dropped = finite_gradients(number, gradients)
         self.counters.nonfinite_gradients += dropped
-        await self.send(number, stats, images, grads or None, f"step {number}'s statistics")
+        # a step whose gradients were all left out still asks for the cluster's gradient history
+        what = f"step {number}'s statistics"
+        await self.send(number, stats, images, grads if gradients else None, what, refusal=None)
 
     async def exchange(self, name: str, number: int, stats: Submission) -> tuple[Moments, bool] | None:
         if not await landed([stats], number):
             return None
         images = {name: stats.images} if stats.images is not None else {}
         moments = {name: Moments(stats.count, stats.mean, stats.var)}
-        result = await self.send(number, moments, images, None, f"layer {name}'s statistics of step {number}")
+        what = f"layer {name}'s statistics of step {number}"
+        result = await self.send(number, moments, images, None, what, refusal=name)
         return None if result is None else (result[name], result.complete)
 
     async def send(
@@ -107,9 +110,10 @@ class Pushes:
         images: Mapping[str, float],
         gradients: Mapping[str, GradientMeans] | None,
         what: str,
+        refusal: str | None,
     ) -> PushResult | None:
         """Push and keep the history that comes back; None, counted and logged, when the
-        service is away or refuses."""
+        service is away or refuses (``what`` was refused; ``refusal`` keys its throttled log)."""
         assert self.client is not None
         self.counters.pushes += 1
         try:
@@ -122,7 +126,8 @@ class Pushes:
             return None
         except Rejected as exc:
             self.counters.rejected += 1
-            self._refusals.error((exc.code, what), "psq: the aggregator refused %s: %s", what, exc)
+            # one line per refusal and layer a minute: the step number changes every step
+            self._refusals.error((exc.code, refusal), "psq: the aggregator refused %s: %s", what, exc)
             return None
         self.record(number, result)
         return result

@@ -84,7 +84,12 @@ class ExchangeSteps:
     def begin(self, name: str) -> int:
         """The step of this layer's exchange: a new one if the layer exchanged in this one."""
         if name in self._exchanged:
-            self.number += 1
-            self._exchanged.clear()
+            self.close()
         self._exchanged.add(name)
         return self.number
+
+    def close(self) -> int:
+        """End the current step (``WorkerLoop.step``); returns its number."""
+        number, self.number = self.number, self.number + 1
+        self._exchanged.clear()
+        return number

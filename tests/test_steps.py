@@ -45,6 +45,7 @@ def test_without_auto_step_only_close_ends_a_step_and_gradients_without_a_forwar
 def test_sync_mode_begins_a_step_at_a_layers_second_exchange():
     steps = ExchangeSteps()
     assert [steps.begin(n) for n in ("a", "b", "a", "b", "b")] == [0, 0, 1, 1, 2]
+    assert steps.close() == 2 and steps.begin("a") == 3 and steps.begin("b") == 3  # step() between
 
 
 def test_counters_summarize_with_the_mean_staleness():

@@ -204,7 +204,7 @@ class StepRank:
     """One rank of the delayed step benchmark, started inside its network namespace."""
 
     environment: ClassVar[bool] = False  # flags only: the namespace's environment is the parent's
-    rank: int = setting(0, "this rank", non_negative_int)
+    rank: int = setting(-1, "this rank (required)", non_negative_int)
     rendezvous: str = setting("", "the process group's rendezvous, tcp://host:port", str)
     frontend: str = setting(DEFAULT_FRONTEND, "the broker's frontend address", endpoint)
     out: Path = setting(Path("step.pt"), "where rank 0 writes the timings", Path)
@@ -213,6 +213,8 @@ class StepRank:
     batch: int = setting(8, "per-worker batch", positive_int)
 
     def __post_init__(self) -> None:
+        if self.rank < 0:  # two processes both rank 0 would wait for each other forever
+            raise SettingsError("--rank is required")
         if not self.rendezvous.startswith("tcp://"):
             raise SettingsError(f"--rendezvous: expected tcp://host:port, got {self.rendezvous!r}")
 
