@@ -158,8 +158,8 @@ def check_frames(frames: Sequence[Any], max_bytes: int = DEFAULT_MAX_BYTES) -> i
 
 def decode(frames: Sequence[Any], max_bytes: int = DEFAULT_MAX_BYTES) -> Message:
     """Validate frames and build a :class:`Message` whose arrays are views over the frames."""
-    check_frames(frames, max_bytes)
     views = [memoryview(f) for f in frames]
+    check_frames(views, max_bytes)
     command, key = parse_envelope(views[0])
     header = read_header(views[1])
     spec = header.pop("arrays", None)
