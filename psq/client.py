@@ -162,6 +162,19 @@ class _Pending:
                 accumulate_means_into(self.gradients, other.gradients, widths, scratch)
         self.step = max(self.step, other.step)
 
+    def to_push(self, job: str, worker: str, session: int, seq: int) -> protocol.Push:
+        """The PUSH carrying this update, in its wire dtype."""
+        m, g, dtype = self.stats, self.gradients, self.dtype
+        grads = (
+            None
+            if g is None
+            else LayerGradients(g.counts, g.dy.astype(dtype, copy=False), g.dy_xhat.astype(dtype, copy=False))
+        )
+        mean, var = m.mean.astype(dtype, copy=False), m.var.astype(dtype, copy=False)
+        return protocol.Push(
+            job, worker, session, seq, self.step, self.layout, m.counts, mean, var, self.images, dtype, grads
+        )
+
 
 def _gradients_f64(g: LayerGradients) -> LayerGradients:
     return LayerGradients(g.counts.copy(), g.dy.astype(np.float64), g.dy_xhat.astype(np.float64))
@@ -175,6 +188,32 @@ class _Channel:
     known_layouts: set[bytes] = field(default_factory=set)  # sent in full to this shard already
     last_sent: float = float("-inf")
     held: asyncio.TimerHandle | None = None  # a send waiting for min_interval_s to pass
+
+    def add(self, update: _Pending, waiter: asyncio.Future[Any], scratch: dict[bytes, Scratch]) -> bool:
+        """Queue ``update``; True when it was merged into one already waiting with its layout."""
+        layout = update.layout
+        pending = self.pending.get(layout.id)
+        if pending is None:
+            self.pending[layout.id] = pending = update
+        else:
+            pending.merge(update, scratch.setdefault(layout.id, Scratch(layout.total)))
+        pending.waiters.append(waiter)
+        return pending is not update
+
+    def take(self, now: float) -> tuple[_Pending, bool]:
+        """The oldest update, to send now, and whether its layout must go in full."""
+        self.last_sent = now
+        _, pending = self.pending.popitem(last=False)
+        in_full = pending.layout.id not in self.known_layouts
+        self.known_layouts.add(pending.layout.id)
+        return pending, in_full
+
+    def close(self) -> None:
+        if self.held is not None:
+            self.held.cancel()
+        for pending in self.pending.values():
+            for waiter in pending.waiters:
+                waiter.cancel()  # a push still waiting reports Unavailable("closed")
 
 
 class StatsClient:
@@ -233,11 +272,7 @@ class StatsClient:
     async def close(self) -> None:
         self._closed = True
         for channel in self._channels.values():
-            if channel.held is not None:
-                channel.held.cancel()
-            for pending in channel.pending.values():
-                for waiter in pending.waiters:
-                    waiter.cancel()  # a push still waiting reports Unavailable("closed")
+            channel.close()
         self._channels.clear()
         if self._transport is not None:
             self._transport.close()  # cancels what waits for a request in flight
@@ -312,14 +347,7 @@ class StatsClient:
     def _enqueue(self, shard: int, update: _Pending) -> asyncio.Future[Any]:
         channel = self._channels.setdefault(shard, _Channel())
         future: asyncio.Future[Any] = self._running_loop().create_future()
-        layout = update.layout
-        pending = channel.pending.get(layout.id)
-        if pending is None:
-            update.waiters.append(future)
-            channel.pending[layout.id] = update
-        else:  # a request is in flight: merge exactly into what waits for it
-            pending.merge(update, self._scratch.setdefault(layout.id, Scratch(layout.total)))
-            pending.waiters.append(future)
+        if channel.add(update, future, self._scratch):  # a request is in flight: merged exactly
             self.stats["coalesced"] += 1
         if self._wire().inflight(shard) is None:
             self._send_next(shard, channel)
@@ -328,33 +356,15 @@ class StatsClient:
     def _send_next(self, shard: int, channel: _Channel) -> None:
         if not channel.pending or self._wire().inflight(shard) is not None or channel.held is not None:
             return
-        wait_s = channel.last_sent + self.min_interval_s - self._running_loop().time()
+        loop = self._running_loop()
+        wait_s = channel.last_sent + self.min_interval_s - loop.time()
         if wait_s > 0:
-            channel.held = self._running_loop().call_later(wait_s, self._release, shard, channel)
+            channel.held = loop.call_later(wait_s, self._release, shard, channel)
             return
-        channel.last_sent = self._running_loop().time()
-        _, pending = channel.pending.popitem(last=False)
+        pending, in_full = channel.take(loop.time())
         self._seq += 1
-        layout, m, g, dtype = pending.layout, pending.stats, pending.gradients, pending.dtype
-        push = protocol.Push(
-            self.job,
-            self.worker,
-            self.session,
-            self._seq,
-            pending.step,
-            layout,
-            m.counts,
-            m.mean.astype(dtype, copy=False),
-            m.var.astype(dtype, copy=False),
-            pending.images,
-            dtype,
-            None
-            if g is None
-            else LayerGradients(g.counts, g.dy.astype(dtype, copy=False), g.dy_xhat.astype(dtype, copy=False)),
-        )
-        with_layout = layout.id not in channel.known_layouts
-        frames = protocol.encode_push(push, shard, with_layout)
-        channel.known_layouts.add(layout.id)
+        push = pending.to_push(self.job, self.worker, self.session, self._seq)
+        frames = protocol.encode_push(push, shard, in_full)
         self._wire().send(Request(shard, self._seq, frames, pending.waiters, context=push))
 
     def _release(self, shard: int, channel: _Channel) -> None:

@@ -24,7 +24,8 @@ arrive: SyncBatchNorm's forward, for verification.
 This module does not import torch: what layers submit is numpy, or a
 :class:`~psq.pushes.Submission` whose ``ready`` callable says when a device-to-host copy has
 landed.  The loop's parts: :mod:`psq.loop_thread` (its thread), :mod:`psq.steps` (the step
-bookkeeping), :mod:`psq.pushes` (pushes and histories), ``LoopCounters`` (its counts).
+bookkeeping), :mod:`psq.pushes` (pushes and histories), :mod:`psq.inflight` (the pushes on
+their way), ``LoopCounters`` (its counts).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from typing import Any
 from psq.client import Rejected, StatsClient, Unavailable
 from psq.config import DEFAULT_FRONTEND
 from psq.counters import LoopCounters
+from psq.inflight import InFlight
 from psq.loop_thread import LoopThread, run_threadsafe
 from psq.pushes import GradientSubmission, LayerHistory, Pushes, Submission
 from psq.security import ClientKeys
@@ -79,15 +81,14 @@ class WorkerLoop:
         self.sync_timeout_s, self.staleness_timeout_s = sync_timeout_s, staleness_timeout_s
         self.push_interval_s = push_interval_s
         self.keys = keys
-        self._lock = threading.Condition()  # guards the steps, the histories and _outstanding
+        self._lock = threading.Condition()  # guards the steps, the histories and the pushes in flight
         self._steps: StepBook[Submission, GradientSubmission] = StepBook(auto_step)
         self._exchanges = ExchangeSteps()
-        self._outstanding = 0  # steps handed to the event loop and not yet answered or given up
+        self._in_flight = InFlight(self._lock)
         self._counters = LoopCounters()
         self._pushes = Pushes(dtype, self._lock, self._counters)
         self._loop: asyncio.AbstractEventLoop | None = None  # where the client runs
         self._host = LoopThread(f"psq-{worker}")
-        self._tasks: set[asyncio.Task[Any]] = set()
         self._pid = os.getpid()
         _LOOPS.add(self)
 
@@ -143,16 +144,10 @@ class WorkerLoop:
         await self._pushes.client.open()
 
     async def _close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        # Final bookkeeping must finish even if the closing task is itself cancelled.
-        await asyncio.shield(asyncio.gather(*self._tasks, return_exceptions=True))
+        await self._in_flight.cancel()
         if self._pushes.client is not None:
             await self._pushes.client.close()
         self._pushes.client = None
-        with self._lock:
-            self._outstanding = 0
-            self._lock.notify_all()
 
     # -- what layers call -------------------------------------------------------------------------
 
@@ -198,8 +193,7 @@ class WorkerLoop:
         if closed is None or not closed.entries:
             return
         if self._loop is not None and self._pushes.client is not None:
-            self._outstanding += 1
-            self._loop.call_soon_threadsafe(self._spawn, self._push(closed))
+            self._in_flight.hand_over(self._loop, self._pushes.push(closed))
 
     def history(self, name: str) -> LayerHistory | None:
         """The latest history of a layer (None before the first answer)."""
@@ -216,7 +210,7 @@ class WorkerLoop:
 
         def fresh_or_hopeless() -> bool:
             h = self._pushes.histories.get(name)
-            return self._outstanding == 0 or (h is not None and h.step >= min_step)
+            return self._in_flight.count == 0 or (h is not None and h.step >= min_step)
 
         with self._lock:
             self._counters.staleness_waits += 1
@@ -260,20 +254,13 @@ class WorkerLoop:
         self._forbid_loop_thread("flush")
         with self._lock:
             self._push_open_step()
-            return self._lock.wait_for(lambda: self._outstanding == 0, timeout_s)
+            return self._in_flight.wait(timeout_s)
 
     async def aflush(self, timeout_s: float = 10.0) -> bool:
         """:meth:`flush` for code running in the loop's own thread."""
         with self._lock:
             self._push_open_step()
-        deadline = time.monotonic() + timeout_s
-        await asyncio.sleep(0)  # the pushes just handed over become tasks
-        while self._outstanding > 0 and (left := deadline - time.monotonic()) > 0:
-            if self._tasks:
-                await asyncio.wait(list(self._tasks), timeout=left)
-            else:  # a step handed over from another thread (asyncio.to_thread) is not a task yet
-                await asyncio.sleep(min(left, 0.001))
-        return self._outstanding == 0
+        return await self._in_flight.drained(timeout_s)
 
     def _push_open_step(self) -> None:
         if self._steps.is_open:
@@ -281,24 +268,10 @@ class WorkerLoop:
 
     def summary(self) -> dict[str, Any]:
         summary = self._counters.summary(self.current_step)
+        summary["in_flight"] = self._in_flight.count
         if self._pushes.client is not None:
             summary["client"] = dict(self._pushes.client.stats)
         return summary
-
-    # -- on the loop ------------------------------------------------------------------------------
-
-    def _spawn(self, coroutine: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _push(self, closed: ClosedStep[Submission, GradientSubmission]) -> None:
-        try:
-            await self._pushes.push(closed)
-        finally:
-            with self._lock:
-                self._outstanding = max(0, self._outstanding - 1)
-                self._lock.notify_all()
 
     # -- guards -----------------------------------------------------------------------------------
 
@@ -325,7 +298,7 @@ class WorkerLoop:
         # The child inherits copies of the parent's sockets and thread state: never touch them.
         self._loop = self._pushes.client = None
         self._host.forget()
-        self._tasks = set()
+        self._in_flight.forget()
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

@@ -46,6 +46,16 @@ def frames_of(p: protocol.Push, with_layout: bool = True) -> list[bytes]:
     return [bytes(memoryview(f)) for f in protocol.encode_push(p, 0, with_layout)]
 
 
+def send_each(zsocket, frontend: str, pushes: list[protocol.Push]) -> zmq.Socket:
+    """Send each push from a new DEALER, waiting for its answer before the next; the DEALER."""
+    sock = zsocket(zmq.DEALER)
+    sock.connect(frontend)
+    for p in pushes:
+        sock.send_multipart(frames_of(p))
+        recv(sock)
+    return sock
+
+
 def history_reply(frames: list[bytes]) -> protocol.HistoryReply:
     return protocol.parse_history(protocol.decode(frames), LAYOUT)
 
@@ -182,12 +192,8 @@ def test_a_retried_update_is_applied_once(cluster, zsocket):
 def test_sigterm_writes_the_snapshot(cluster, zsocket, tmp_path):
     path = tmp_path / "shard0.snap"
     c = cluster(1, "--half-life", str(HALF_LIFE), "--snapshot", str(path), "--snapshot-interval-s", "3600")
-    sock = zsocket(zmq.DEALER)
-    sock.connect(c.endpoints.frontend)
     pushes = [push(i, i) for i in range(1, 4)]
-    for p in pushes:
-        sock.send_multipart(frames_of(p))
-        recv(sock)
+    send_each(zsocket, c.endpoints.frontend, pushes)
     code, took_s = c.aggregators[0].terminate()
     assert code == 0 and took_s < 5
     store = snapshot.load(path, 0, 1, HALF_LIFE)
@@ -203,12 +209,8 @@ def test_a_killed_aggregator_resumes_from_its_snapshot(cluster, spawn, zsocket, 
     path = tmp_path / "shard0.snap"
     args = ("--half-life", str(HALF_LIFE), "--snapshot", str(path), "--snapshot-interval-s", "0.2")
     c = cluster(1, *args)
-    sock = zsocket(zmq.DEALER)
-    sock.connect(c.endpoints.frontend)
     pushes = [push(i, i) for i in range(1, 6)]
-    for p in pushes:
-        sock.send_multipart(frames_of(p))
-        recv(sock)
+    sock = send_each(zsocket, c.endpoints.frontend, pushes)
     wait_until(
         lambda: path.exists() and snapshot.load(path, 0, 1, HALF_LIFE).applied.get(("job", "raw", 11)) == 5,
         what="a snapshot with all five updates",

@@ -8,6 +8,7 @@ import itertools
 
 import pytest
 import torch
+from equivalence import assert_same_step
 from torch import nn
 
 from psq.loop import WorkerLoop
@@ -51,15 +52,7 @@ def assert_same_steps(ours: nn.Module, theirs: nn.Module, xs: list[torch.Tensor]
     """Training steps: outputs and every gradient equal; with ``buffers`` every buffer too, and
     evaluation (with a loop the buffers hold the cluster's history instead)."""
     for x in xs:
-        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
-        ya, yb = ours(a), theirs(b)
-        torch.testing.assert_close(ya, yb, rtol=0, atol=1e-10)
-        w = torch.randn_like(yb)
-        (ya * w).sum().backward()
-        (yb * w).sum().backward()
-        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-10)
-        for (name, p), (_, q) in zip(ours.named_parameters(), theirs.named_parameters(), strict=True):
-            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-10, msg=name)
+        assert_same_step(ours, theirs, x)
         for (name, u), (_, v) in zip(ours.named_buffers(), theirs.named_buffers(), strict=True):
             assert not buffers or torch.allclose(u, v, rtol=0, atol=1e-10), name
     if not buffers:

@@ -65,7 +65,7 @@ def test_the_loop_keeps_going_while_the_broker_is_away_and_recovers(cluster, spa
         for i in range(3):
             loop.submit("a", submission(i))
             loop.step()
-            assert loop._outstanding >= 1, "step() hands the push over and returns before any answer"
+            assert loop.summary()["in_flight"] >= 1, "step() hands the push over and returns before any answer"
         assert loop.flush(20)
         assert loop.summary()["unavailable"] >= 1
         spawn("broker", "--frontend", c.endpoints.frontend, "--backend", c.endpoints.backend)

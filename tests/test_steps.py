@@ -1,4 +1,5 @@
-"""The worker's step bookkeeping, its counters and its event-loop thread, without any service."""
+"""The worker's step bookkeeping, its counters, its pushes in flight and its event-loop thread, without
+any service."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import threading
 import pytest
 
 from psq.counters import LoopCounters
+from psq.inflight import InFlight
 from psq.loop_thread import LoopThread, run_threadsafe
 from psq.steps import ExchangeSteps, StepBook
 
@@ -99,3 +101,61 @@ def test_an_error_while_opening_is_raised_on_the_callers_thread():
     with pytest.raises(OSError, match="no socket for you"):
         host.start(fails, never, timeout_s=5)
     assert not host.running
+
+
+def test_pushes_in_flight_count_from_their_hand_over_and_flushes_wait_on_them():
+    host, lock = LoopThread("psq-inflight"), threading.Condition()
+    in_flight, release, ran = InFlight(lock), threading.Event(), []
+
+    async def nothing() -> None:
+        pass
+
+    async def push(n: int) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, release.wait, 5)
+        ran.append(n)
+
+    host.start(nothing, in_flight.cancel, timeout_s=5)
+    assert host.loop is not None
+    with lock:
+        in_flight.hand_over(host.loop, push(1))
+        in_flight.hand_over(host.loop, push(2))
+        assert in_flight.count == 2, "counted on hand-over, before either is a task"
+        assert not in_flight.wait(0.05), "nothing settled while the pushes are held"
+    assert run_threadsafe(host.loop, in_flight.drained(0.05), timeout_s=5) is False
+    release.set()
+    with lock:
+        assert in_flight.wait(5) and in_flight.count == 0
+    assert sorted(ran) == [1, 2]
+    assert run_threadsafe(host.loop, in_flight.drained(0.05), timeout_s=5) is True
+    host.stop(timeout_s=5)
+
+
+def test_a_drained_wait_sees_a_push_handed_over_from_another_thread_and_cancel_settles_all():
+    lock = threading.Condition()
+    in_flight, release = InFlight(lock), asyncio.Event()
+
+    async def push() -> None:
+        await release.wait()
+
+    async def main() -> tuple[bool, bool, int]:
+        loop = asyncio.get_running_loop()
+
+        def from_another_thread() -> None:
+            with lock:
+                in_flight.hand_over(loop, push())
+
+        await asyncio.to_thread(from_another_thread)  # handed over; not yet a task
+        waiting = asyncio.ensure_future(in_flight.drained(5))
+        await asyncio.sleep(0.05)
+        still_waiting = not waiting.done()
+        release.set()
+        drained = await waiting
+        with lock:
+            in_flight.hand_over(loop, push())  # cancelled before it ever runs
+            in_flight.hand_over(loop, push())
+        release.clear()
+        await asyncio.sleep(0)
+        await in_flight.cancel()
+        return still_waiting, drained, in_flight.count
+
+    assert asyncio.run(main()) == (True, True, 0)

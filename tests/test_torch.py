@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as tmp
 from dist_workers import ddp_train, small_cnn, sync_forward
+from equivalence import assert_same_step
 from torch import nn
 from torch.autograd.gradcheck import GradcheckError
 
@@ -37,15 +38,7 @@ def test_history_weight_zero_is_exactly_batchnorm_and_buffers_hold_the_cluster_h
         opt_r = torch.optim.SGD(reference.parameters(), lr=0.1)
         for step in range(6):
             x = torch.randn(5, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
-            xm, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
-            out_m, out_r = model(xm), reference(xr)
-            torch.testing.assert_close(out_m, out_r, rtol=0, atol=1e-10)
-            w = torch.randn_like(out_r)
-            (out_m * w).sum().backward()
-            (out_r * w).sum().backward()
-            torch.testing.assert_close(xm.grad, xr.grad, rtol=0, atol=1e-10)
-            for (name, pm), (_, pr) in zip(model.named_parameters(), reference.named_parameters()):
-                torch.testing.assert_close(pm.grad, pr.grad, rtol=0, atol=1e-10, msg=name)
+            assert_same_step(model, reference, x)
             opt_m.step(), opt_r.step(), opt_m.zero_grad(), opt_r.zero_grad()
         assert loop.flush(10)
         # the cluster's gradient history was there all along, and did not leak into the backward

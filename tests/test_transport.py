@@ -10,7 +10,7 @@ import pytest
 import zmq
 
 from psq import protocol
-from psq.client import _Pending
+from psq.client import _Channel, _Pending
 from psq.layout import Layout
 from psq.protocol import BROKER_KEY, Command
 from psq.stats import LayerMoments, Moments, Scratch, merge
@@ -104,6 +104,35 @@ def test_updates_waiting_for_a_request_in_flight_merge_exactly():
     np.testing.assert_allclose(first.stats.var, want.var, rtol=1e-6)
     assert np.all(first.stats.counts == 32.0) and np.all(first.images == 8.0) and first.step == 5
     assert first.stats.mean.dtype == np.float64  # pooled in float64, cast to the wire's on sending
+
+
+def test_a_shard_channel_merges_per_layout_and_sends_each_layout_in_full_once():
+    ab, c = Layout(("a", "b"), (2, 3)), Layout(("c",), (4,))
+    channel, scratch = _Channel(), {}
+
+    async def queue_and_take() -> list[tuple[tuple[str, ...], int, bool]]:
+        waiter = asyncio.get_running_loop().create_future
+        merged = [
+            channel.add(pending(8.0, i, layout, step=i), waiter(), scratch) for i, layout in enumerate([ab, c, ab])
+        ]
+        assert merged == [False, False, True] and len(channel.pending[ab.id].waiters) == 2
+        taken = [channel.take(now=1.0), channel.take(now=2.0)]
+        channel.add(pending(8.0, 3, ab, step=7), waiter(), scratch)
+        taken.append(channel.take(now=3.0))
+        assert not channel.pending and channel.last_sent == 3.0
+        return [(p.layout.names, p.step, in_full) for p, in_full in taken]
+
+    assert asyncio.run(queue_and_take()) == [(("a", "b"), 2, True), (("c",), 1, True), (("a", "b"), 7, False)]
+
+
+def test_an_update_merged_in_float64_goes_out_in_its_wire_dtype():
+    layout = Layout(("a", "b"), (2, 3))
+    first = pending(8.0, 0, layout, step=4)
+    first.merge(pending(8.0, 1, layout, step=5), Scratch(layout.total))
+    push = first.to_push("job", "w0", session=9, seq=3)
+    assert (push.job, push.worker, push.session, push.seq, push.step, push.reply_dtype) == ("job", "w0", 9, 3, 5, "<f4")
+    assert push.means.dtype == push.var.dtype == np.float32 and push.gradients is None
+    np.testing.assert_allclose(push.means, first.stats.mean.astype(np.float32))
 
 
 @pytest.mark.parametrize("shards", [1, 2, 4])

@@ -121,34 +121,9 @@ def _measure_delayed(delay_ms: float, steps: int, rounds: int, batch: int) -> di
             )
         ]
         try:
-            ranks = [
-                subprocess.Popen(
-                    net.command(
-                        r,
-                        [
-                            sys.executable,
-                            "-m",
-                            "workers.step_bench",
-                            "--rank",
-                            str(r),
-                            "--rendezvous",
-                            f"tcp://{net.address(0)}:29500",
-                            "--frontend",
-                            frontend,
-                            "--out",
-                            str(out),
-                            "--steps",
-                            str(steps),
-                            "--rounds",
-                            str(rounds),
-                            "--batch",
-                            str(batch),
-                        ],
-                    ),
-                    env=env,
-                )
-                for r in range(WORKERS)
-            ]
+            flags = {"rendezvous": f"tcp://{net.address(0)}:29500", "frontend": frontend, "out": out}
+            flags |= {"steps": steps, "rounds": rounds, "batch": batch}
+            ranks = [subprocess.Popen(net.command(r, _rank_command(r, flags)), env=env) for r in range(WORKERS)]
             codes = [p.wait(timeout=1800) for p in ranks]
             if codes != [0] * WORKERS:
                 raise RuntimeError(f"the delayed step benchmark's ranks exited with {codes}")
@@ -157,6 +132,12 @@ def _measure_delayed(delay_ms: float, steps: int, rounds: int, batch: int) -> di
             for p in service:
                 p.terminate()
                 p.wait(10)
+
+
+def _rank_command(rank: int, flags: dict[str, Any]) -> list[str]:
+    """``python -m workers.step_bench`` for one rank of the delayed benchmark."""
+    args = [f"--{name}={value}" for name, value in {"rank": rank, **flags}.items()]
+    return [sys.executable, "-m", "workers.step_bench", *args]
 
 
 def run(
