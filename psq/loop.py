@@ -267,6 +267,9 @@ class WorkerLoop:
             self._hand_over(self._steps.close())
 
     def summary(self) -> dict[str, Any]:
+        """The loop's counts (:class:`~psq.counters.LoopCounters`: steps, pushes answered,
+        unavailable or rejected, staleness), ``in_flight`` (pushes on their way now) and, while
+        it runs, the client's ``stats``."""
         summary = self._counters.summary(self.current_step)
         summary["in_flight"] = self._in_flight.count
         if self._pushes.client is not None:
