@@ -52,7 +52,7 @@ class InFlight:
             task.cancel()
         # Their final bookkeeping must finish even if the closing task is itself cancelled.
         await asyncio.shield(asyncio.gather(*self._tasks, return_exceptions=True))
-        self._settle(self.count)  # pushes cancelled before they began never settled themselves
+        self._settle(None)  # pushes cancelled before they began never settled themselves
 
     def forget(self) -> None:
         """After a fork: the tasks and waiters belong to the parent's loop."""
@@ -70,9 +70,10 @@ class InFlight:
         finally:
             self._settle(1)
 
-    def _settle(self, pushes: int) -> None:
+    def _settle(self, pushes: int | None) -> None:
+        """``pushes`` have settled; None: all of them (read under the lock, as a thread may hand one over)."""
         with self._lock:
-            self.count = max(0, self.count - pushes)
+            self.count = 0 if pushes is None else max(0, self.count - pushes)
             self._lock.notify_all()
             done, self._drained = (self._drained, []) if self.count == 0 else ([], self._drained)
         for future in done:  # a drained() waiter may sit on another loop: resolve it on its own
