@@ -218,6 +218,18 @@ def test_bench_accuracy_writes_its_table_and_plot(tmp_path):
     assert runs["a/psq"][0]["settings"]["gradient"] == "cluster" and runs["a/psq"][0]["settings"]["norm"] == "psq"
 
 
+def test_accuracy_bench_rows_without_their_references_say_so():
+    from psq.bench.timing import table
+    from workers.accuracy_bench import _row
+
+    run = {"accuracy": 0.99, "accuracy_recomputed": 0.98, "wall_s": 10.0}
+    results = {("a", "psq"): [run], ("a", "local"): [{**run, "wall_s": 5.0}]}
+    row = _row("a", "psq", [run], results)
+    assert row[3] is None and row[6] == 2.0  # no syncbn in the run; local's time is
+    printed = table(["s", "m", "acc", "vs", "rec", "wall", "x"], [row]).splitlines()[-1]
+    assert re.split(r"\s{2,}", printed)[3] == "-", printed
+
+
 def test_accuracy_bench_methods_and_variants_are_parsed_and_checked():
     from workers.accuracy_bench import Method, method
 

@@ -164,16 +164,17 @@ def _row(setting: str, name: str, runs: list[dict[str, Any]], results: dict[tupl
     rec = np.array([r["accuracy_recomputed"] for r in runs]) * 100
     wall = float(np.mean([r["wall_s"] for r in runs]))
     sync, local = results.get((setting, "syncbn")), results.get((setting, "local"))
-    versus = acc.mean() - np.mean([r["accuracy"] for r in sync]) * 100 if sync else float("nan")
-    over_local = wall / np.mean([r["wall_s"] for r in local]) if local else float("nan")
+    # without its reference in the run a column has no value (None, printed as "-"), not NaN
+    versus = f"{acc.mean() - np.mean([r['accuracy'] for r in sync]) * 100:+.2f}" if sync else None
+    over_local = float(wall / np.mean([r["wall_s"] for r in local])) if local else None
     return [
         f"({setting}) {SETTINGS[setting].describe()}",
         name,
         f"{acc.mean():.2f} ± {acc.std():.2f}",
-        f"{versus:+.2f}",
+        versus,
         f"{rec.mean():.2f} ± {rec.std():.2f}",
         wall,
-        float(over_local),
+        over_local,
     ]
 
 

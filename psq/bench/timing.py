@@ -40,6 +40,8 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def _fmt(value: Any) -> str:
+    if value is None:  # a figure this run has no reference for
+        return "-"
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 10 else f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.1f}"
     if isinstance(value, int):
