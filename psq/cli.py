@@ -127,7 +127,13 @@ def _bench(name: str, s: Any) -> None:
 
         methods = s.methods or tuple(accuracy_bench.method(m) for m in accuracy_bench.DEFAULT_METHODS)
         accuracy_bench.run(
-            tuple(s.settings), tuple(range(s.seeds)), s.epochs, methods, s.out, s.json, s.max_steps_per_epoch
+            tuple(s.settings),
+            tuple(range(s.first_seed, s.first_seed + s.seeds)),
+            s.epochs,
+            methods,
+            s.out,
+            s.json,
+            s.max_steps_per_epoch,
         )
 
 

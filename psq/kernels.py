@@ -95,10 +95,13 @@ class BlendedNorm(torch.autograd.Function):
         # layer run twice before one backward blends the second's (a constant either way).
         ctx.blend, ctx.eps, ctx.gradient, ctx.sink, ctx.x_dtype = blend, eps, gradient, sink, x.dtype
         ctx.mark_non_differentiable(saved.mean_b, saved.var_b)
+        ctx.set_materialize_grads(False)  # the statistics' gradients: None, not zeros allocated per step
         return y, saved.mean_b, saved.var_b
 
     @staticmethod
-    def backward(ctx: Any, g: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: Any, g: torch.Tensor | None, *_: Any) -> tuple[torch.Tensor | None, ...]:
+        if g is None:  # only y is differentiable: nothing reached it
+            return None, None, None, None, None, None, None
         weight, *tensors = ctx.saved_tensors
         grad_x, grad_w, grad_b = gradients(g, Saved(*tensors), weight, ctx.blend, ctx.eps, ctx.gradient, ctx.sink)
         grad_w = grad_w.to(weight.dtype) if ctx.needs_input_grad[1] else None

@@ -128,6 +128,7 @@ class AccuracyBench(Bench):
 
     settings: str = setting("abcdef", "which of settings a-f", letters("abcdef"))
     seeds: int = setting(3, "seeds per setting and method", positive_int)
+    first_seed: int = setting(0, "the first seed: a later run adds seeds instead of repeating them", non_negative_int)
     epochs: int = setting(5, "epochs per run", positive_int)
     methods: tuple[Any, ...] | None = setting(
         None,
