@@ -57,3 +57,4 @@ def test_bench_layer_times_every_variant_beside_batchnorm():
     shapes = ["1x16x8x8", "8x16x32x32", "8x64x8x8", "32x64x16x16"]
     assert [row[:2] for row in result["rows"]] == [[s, f] for s in shapes for f in ("contiguous", "channels_last")]
     assert all(row[2] > 0 and row[3] > 0 and row[5] == row[3] / row[2] for row in result["rows"])
+    assert result["columns"][7] == "floor / bn" and all(row[7] > 0 for row in result["rows"])

@@ -203,12 +203,12 @@ def test_bad_trainer_settings_are_refused():
 
 
 def test_bench_accuracy_writes_its_table_and_plot(tmp_path):
-    quick = ["--settings", "a", "--seeds", "1", "--epochs", "1", "--max-steps-per-epoch", "30"]
+    quick = ["--settings", "a", "--seeds", "1", "--first-seed", "4", "--epochs", "1", "--max-steps-per-epoch", "30"]
     methods = ["--methods", "local", "syncbn", "psq"]  # psq-renorm is psq with one option: one run less
     out = run_psq("bench", "accuracy", *quick, *methods, "--out", str(tmp_path), "--json", timeout_s=600)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert [row[1] for row in result["rows"]] == ["local", "syncbn", "psq"]
+    assert [row[1] for row in result["rows"]] == ["local", "syncbn", "psq"] and "seeds [4]" in result["title"]
     assert all(re.fullmatch(r"\d+\.\d\d ± \d+\.\d\d", row[2]) for row in result["rows"])
     assert result["rows"][1][3] == "+0.00" and result["rows"][0][6] == 1.0  # against syncbn, against local
     png = tmp_path / "accuracy.png"

@@ -11,6 +11,9 @@ Side by side in one run, per shape (from a tiny 1x16x8x8 to ResNet-50's layers a
   ``psq bench step``, a layer's share of it is here;
 * ``psq w=0``: the same path with ``history_weight=0`` (batch norm's statistics, psq's
   bookkeeping): what psq costs before any blending;
+* ``floor``: torch's own batch-norm kernels, forward and backward, called from the cheapest
+  Python ``autograd.Function`` (no blend, no loop): what any layer whose step is written in
+  Python costs, psq's included, before it does anything of its own;
 * with ``--compile``, ``bn`` and ``psq`` under ``torch.compile`` (inductor) too, each against
   its eager self.
 
@@ -24,6 +27,7 @@ import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,6 +42,7 @@ SMALL = ((1, 16, 8, 8), (8, 16, 32, 32), (8, 64, 8, 8), (32, 64, 16, 16))
 RESNET50 = tuple((n, c, s, s) for n in (8, 32) for c, s in ((64, 56), (256, 56), (512, 28), (1024, 14), (2048, 7)))
 SHAPES = {"small": SMALL, "resnet50": RESNET50, "all": SMALL + RESNET50}
 LAYERS_PER_STEP = 53  # ResNet-50's batch-norm layers: one push per this many layer calls
+_native_backward = torch.ops.aten.native_batch_norm_backward
 FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
@@ -51,6 +56,28 @@ class Case:
         fmt = FORMATS[self.memory_format]
         x = (torch.randn(self.shape, generator=gen) * 2 + 1).to(memory_format=fmt).requires_grad_()
         return x, torch.randn(self.shape, generator=gen).to(memory_format=fmt)
+
+
+class _InPython(torch.autograd.Function):
+    """``nn.BatchNorm2d``'s training kernels through a Python Function: the floor of the bench."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        y, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, 1e-5)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x, weight, mean, invstd = ctx.saved_tensors
+        return _native_backward(g, x, weight, None, None, mean, invstd, True, 1e-5, [True, True, True])
+
+
+class Floor(nn.BatchNorm2d):
+    """A batch norm whose training step is :class:`_InPython`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _InPython.apply(x, self.weight, self.bias)
 
 
 def _step(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, loop: WorkerLoop | None) -> Callable[[], object]:
@@ -88,6 +115,7 @@ def measure(case: Case, loop: WorkerLoop, rounds: int, min_round_s: float, with_
         "bn": nn.BatchNorm2d(c),
         "psq": PSBatchNorm(c, name=f"{name}-psq", loop=loop, warmup_images=0),
         "psq w=0": PSBatchNorm(c, name=f"{name}-w0", loop=loop, history_weight=0.0),
+        "floor": Floor(c),
     }
     if with_compile:
         torch._dynamo.reset()  # each case's layers are new modules: no recompile limit across cases
@@ -110,7 +138,7 @@ def _calls_per_round(call: Callable[[], object], min_round_s: float) -> int:
 
 def run(shapes: str, rounds: int, min_round_s: float, with_compile: bool, as_json: bool) -> None:
     cases = [Case(s, f) for s in SHAPES[shapes] for f in FORMATS]
-    headers = ["shape", "format", "bn µs", "psq µs", "psq w=0 µs", "psq / bn", "w=0 / bn"]
+    headers = ["shape", "format", "bn µs", "psq µs", "psq w=0 µs", "psq / bn", "w=0 / bn", "floor / bn"]
     if with_compile:
         headers += ["compiled bn µs", "compiled psq µs", "compiled psq / bn", "compiled psq / eager bn"]
     rows = []
@@ -120,7 +148,7 @@ def run(shapes: str, rounds: int, min_round_s: float, with_compile: bool, as_jso
         for case in cases:
             us = measure(case, loop, rounds, min_round_s, with_compile)
             row = ["x".join(map(str, case.shape)), case.memory_format, us["bn"], us["psq"], us["psq w=0"]]
-            row += [us["psq"] / us["bn"], us["psq w=0"] / us["bn"]]
+            row += [us["psq"] / us["bn"], us["psq w=0"] / us["bn"], us["floor"] / us["bn"]]
             if with_compile:
                 row += [us["bn compiled"], us["psq compiled"], us["psq compiled"] / us["bn compiled"]]
                 row += [us["psq compiled"] / us["bn"]]
