@@ -100,7 +100,7 @@ class BlendedNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor | None, *_: Any) -> tuple[torch.Tensor | None, ...]:
-        if g is None:  # only y is differentiable: nothing reached it
+        if g is None:  # a gradient for the statistics alone (gradcheck asks for one): no gradient
             return None, None, None, None, None, None, None
         weight, *tensors = ctx.saved_tensors
         grad_x, grad_w, grad_b = gradients(g, Saved(*tensors), weight, ctx.blend, ctx.eps, ctx.gradient, ctx.sink)

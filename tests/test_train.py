@@ -225,7 +225,7 @@ def test_accuracy_bench_rows_without_their_references_say_so():
     run = {"accuracy": 0.99, "accuracy_recomputed": 0.98, "wall_s": 10.0}
     results = {("a", "psq"): [run], ("a", "local"): [{**run, "wall_s": 5.0}]}
     row = _row("a", "psq", [run], results)
-    assert row[3] is None and row[6] == 2.0  # no syncbn in the run; local's time is
+    assert row[3] is None and row[6] == 2.0  # no syncbn in the run; local, at half psq's time
     printed = table(["s", "m", "acc", "vs", "rec", "wall", "x"], [row]).splitlines()[-1]
     assert re.split(r"\s{2,}", printed)[3] == "-", printed
 
@@ -243,6 +243,8 @@ def test_accuracy_bench_methods_and_variants_are_parsed_and_checked():
     ):
         out = run_psq("bench", "accuracy", "--methods", bad)
         assert out.returncode == 2 and text in out.stderr, out.stderr
+    out = run_psq("bench", "accuracy", "--first-seed", "-1")
+    assert out.returncode == 2 and "--first-seed" in out.stderr, out.stderr
 
 
 def test_python_m_workers_train_runs_the_module_once_and_refuses_bad_settings_with_exit_code_2():

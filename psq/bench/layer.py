@@ -62,22 +62,23 @@ class _InPython(torch.autograd.Function):
     """``nn.BatchNorm2d``'s training kernels through a Python Function: the floor of the bench."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        y, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, 1e-5)
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+        y, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
         ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.eps = eps
         return y
 
     @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight, mean, invstd = ctx.saved_tensors
-        return _native_backward(g, x, weight, None, None, mean, invstd, True, 1e-5, [True, True, True])
+        return *_native_backward(g, x, weight, None, None, mean, invstd, True, ctx.eps, [True, True, True]), None
 
 
 class Floor(nn.BatchNorm2d):
     """A batch norm whose training step is :class:`_InPython`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _InPython.apply(x, self.weight, self.bias)
+        return _InPython.apply(x, self.weight, self.bias, self.eps)
 
 
 def _step(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, loop: WorkerLoop | None) -> Callable[[], object]:
