@@ -26,6 +26,13 @@ from psq.status import StatusError, query
 EXIT_TIMEOUT_S = 5.0
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow system tests first: under ``pytest -n 2`` a long test started last keeps one
+    worker busy after the other has run out of tests.  A stable sort, the same on every worker
+    (xdist requires one order)."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @dataclass(frozen=True)
 class Endpoints:
     frontend: str

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 import psq
 
 
@@ -39,6 +41,7 @@ def test_bad_flag_value_gets_a_clear_error():
     assert out.returncode == 2 and "expected a positive integer, got 'zero'" in out.stderr
 
 
+@pytest.mark.slow
 def test_bench_transport_prints_psq_beside_its_floor():
     out = run_psq("bench", "transport", "--round-trips", "5", "--seconds", "0.2", "--json", timeout_s=240)
     assert out.returncode == 0, out.stderr

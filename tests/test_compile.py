@@ -57,6 +57,7 @@ def test_the_training_forward_is_one_graph_that_matches_eager_and_survives_new_h
     assert counters["stats"]["unique_graphs"] == graphs + 1  # a new history did not recompile
 
 
+@pytest.mark.slow
 def test_a_converted_model_under_compile_trains_like_eager(cluster):
     """Two copies of one model train on the same data, each on its own job, one eager and one
     compiled whole (fullgraph); each step waits for its reply, so both see the same histories."""

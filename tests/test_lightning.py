@@ -17,6 +17,7 @@ from psq.lightning import PsqLayerSync
 from psq.torch import PSBatchNorm
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_lightning_ddp_trains_with_psq_and_ends_with_plain_batchnorm_holding_the_cluster_history(cluster, tmp_path):
     c = cluster(1)

@@ -67,6 +67,7 @@ def test_without_delay_the_link_still_carries_packets():
     assert len(rtts) == 25 and statistics.median(rtts) > 0
 
 
+@pytest.mark.slow
 def test_bench_step_runs_across_the_link():
     out = run_psq("bench", "step", "--delays-ms", "0", "--steps", "2", "--rounds", "1", "--json", timeout_s=600)
     assert out.returncode == 0, out.stderr[-3000:]

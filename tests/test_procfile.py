@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import free_tcp_port, live_shards, wait_until
 from test_cli import run_psq
 from test_metrics import scrape, value
@@ -39,6 +40,7 @@ def start_service(folder: Path, env: dict[str, str], frontend: str) -> subproces
     return honcho
 
 
+@pytest.mark.slow
 def test_honcho_runs_broker_and_aggregator_and_the_readme_examples_talk_to_them(endpoints, tmp_path):
     env = {
         **os.environ,

@@ -81,6 +81,7 @@ def test_the_statistics_example_runs():
     assert out.returncode == 0, out.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_the_asyncio_and_accelerate_examples_train_against_a_live_service(cluster, tmp_path):
     frontend = cluster(1).endpoints.frontend
@@ -91,6 +92,7 @@ def test_the_asyncio_and_accelerate_examples_train_against_a_live_service(cluste
     assert sorted(r for r, _ in ranks) == ["0", "1"] and all(int(n) >= 1 for _, n in ranks), out
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_the_lightning_example_trains_on_two_processes_and_ends_with_plain_batchnorm(cluster, tmp_path):
     out = run_example("lightning", tmp_path, cluster(1).endpoints.frontend)

@@ -447,6 +447,7 @@ def test_sync_mode_forward_equals_batchnorm_on_the_global_batch(cluster, tmp_pat
         torch.testing.assert_close(got, full, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("broadcast_buffers", [True, False])
 def test_distributed_data_parallel_trains_and_buffers_hold_each_ranks_cluster_history(
     cluster, tmp_path, broadcast_buffers

@@ -60,6 +60,7 @@ def run_dir_files(run: Path) -> dict:
     return summary
 
 
+@pytest.mark.slow
 def test_honcho_start_runs_the_whole_job_and_ends_by_itself(ipc_dir, tmp_path):
     run = tmp_path / "run"
     env = env_for(
@@ -125,6 +126,7 @@ def alive(pids: set[int]) -> set[int]:
     return out
 
 
+@pytest.mark.slow
 def test_sigterm_stops_every_rank_of_the_launcher(cluster, tmp_path):
     c = cluster(1)
     launcher = subprocess.Popen(
@@ -154,6 +156,7 @@ def test_sigterm_stops_every_rank_of_the_launcher(cluster, tmp_path):
     wait_until(lambda: not alive(family), timeout_s=10, what="every rank to be gone")
 
 
+@pytest.mark.slow
 def test_sigterm_to_honcho_mid_training_leaves_no_process_behind(ipc_dir, tmp_path):
     env = env_for(
         PSQ_FRONTEND=f"ipc://{ipc_dir}/f",
@@ -202,6 +205,7 @@ def test_bad_trainer_settings_are_refused():
     assert out.returncode == 2 and "PSQ_EPOCHS: expected a positive integer" in out.stderr
 
 
+@pytest.mark.slow
 def test_bench_accuracy_writes_its_table_and_plot(tmp_path):
     quick = ["--settings", "a", "--seeds", "1", "--first-seed", "4", "--epochs", "1", "--max-steps-per-epoch", "30"]
     methods = ["--methods", "local", "syncbn", "psq"]  # psq-renorm is psq with one option: one run less
