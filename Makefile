@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[dev,train,bench,metrics,lightning]'
+	$(BIN)/python -m psq.native  # psq's CPU kernels, built once here rather than in the first step
 	touch $@
 
 # A fresh run folder each time: its own snapshot, so a run starts with no history.

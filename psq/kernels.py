@@ -1,6 +1,9 @@
-"""PSBatchNorm's training step on torch's native fused batch-norm kernels.
+"""PSBatchNorm's training step: on the CPU psq's own kernels, elsewhere torch's fused ones.
 
-The forward is three kernels: ``torch.batch_norm_update_stats`` for the batch's mean and
+On the CPU the forward and the backward are one call each to :mod:`psq.native` (C++: a
+per-channel reduction, then one pass over the elements), the formulas below fused.  Elsewhere,
+or where those cannot be built, the step is composed of torch's native batch-norm kernels.
+There the forward is three kernels: ``torch.batch_norm_update_stats`` for the batch's mean and
 **biased** variance (one pass, no output), four per-channel operations for the blend with the
 history (:func:`blended_moments`, the formula of :func:`psq.stats.mix`), and ``torch.batch_norm``
 in inference mode with the blended statistics (one fused pass for the output).  The backward is
@@ -17,6 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from psq import native
 
 FLOAT_STATS = (torch.float32, torch.float64)
 _native_backward = torch.ops.aten.native_batch_norm_backward
@@ -132,9 +137,13 @@ def normalize(
     with torch.autocast(x.device.type, enabled=False) if low else contextlib.nullcontext():
         xs = x.float() if low else x
         weight, bias = _as(weight, xs.dtype), _as(bias, xs.dtype)
-        mean_b, var_b = batch_stats(xs)
-        mean, var = blended_moments(mean_b, var_b, blend)
-        y = torch.batch_norm(xs, weight, bias, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
+        fused = _native(xs)
+        if fused is not None:
+            y, mean, var, mean_b, var_b = fused.forward(xs, weight, bias, blend.mean, blend.var, blend.share, eps)
+        else:
+            mean_b, var_b = batch_stats(xs)
+            mean, var = blended_moments(mean_b, var_b, blend)
+            y = torch.batch_norm(xs, weight, bias, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
     return (y.to(x.dtype) if low else y), Saved(xs, mean, var, mean_b, var_b)
 
 
@@ -150,24 +159,47 @@ def gradients(
     """The backward: the gradients of input, γ and β (in the statistics' dtype)."""
     x, mean, var = saved.x, saved.mean, saved.var
     g, weight = g.to(x.dtype), _as(weight, x.dtype)
-    if gradient == "renorm" and blend.share:
+    mode = backward_mode(gradient, blend)
+    fused = _native(x)
+    if fused is not None:
+        grad_x, grad_w, grad_b, dy, dy_xhat = fused.backward(
+            g, x, weight, mean, var, saved.mean_b, saved.var_b, _MODES.index(mode), blend.share,
+            blend.gradient_share, blend.dy, blend.dy_xhat, eps, True,
+        )  # fmt: skip
+        if sink is not None and mode in ("batch", "cluster"):  # the means the cluster keeps
+            sink(float(_elements(x)), dy, dy_xhat)
+        return grad_x, grad_w, grad_b
+    if mode == "renorm":
         return _renorm_backward(g, saved, weight, eps)
-    if _batch_gradient_means(gradient, blend):
+    if mode == "batch":
         grad_x, sum_g_xhat, sum_g = _batchnorm_backward(g, x, weight, mean, var, eps)
         _hand_over(sink, x, sum_g, sum_g_xhat)
         return grad_x, sum_g_xhat, sum_g
     return _blended_backward(g, x, weight, mean, var, blend, eps, gradient, sink)
 
 
+# psq.native's numbering of the backwards
+_MODES = ("batch", "cluster", "exact", "renorm")
+
+
+def backward_mode(gradient: str, blend: Blend) -> str:
+    """Which backward a step takes: ``"batch"`` (batch norm's own about the forward's ``μ, σ``:
+    nothing to blend into its gradient means), ``"cluster"``, ``"exact"`` or ``"renorm"``."""
+    if gradient == "renorm":
+        return "renorm" if blend.share else "batch"
+    if gradient == "cluster":
+        return "cluster" if blend.gradient_share else "batch"
+    return "exact" if blend.share else "batch"
+
+
+def _native(x: torch.Tensor) -> Any | None:
+    """psq's fused kernels for a CPU tensor (float32 or float64), if they are built."""
+    return native.ops() if x.device.type == "cpu" else None
+
+
 def _as(param: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """A parameter in the statistics' dtype: a bfloat16 layer normalizes in float32."""
     return param if param is None or param.dtype == dtype else param.to(dtype)
-
-
-def _batch_gradient_means(gradient: str, blend: Blend) -> bool:
-    """Whether the backward is batch norm's own about the forward's ``μ, σ``: nothing to blend
-    into its gradient means."""
-    return not blend.gradient_share if gradient == "cluster" else not blend.share
 
 
 def _elements(x: torch.Tensor) -> int:

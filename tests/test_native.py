@@ -1,0 +1,184 @@
+"""psq's CPU kernels (psq/native.cpp) against the same step composed of torch's kernels."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from psq import native
+from psq.kernels import Blend, backward_mode, gradients, normalize
+
+LAYOUTS = [
+    ((4, 6, 5, 3), torch.contiguous_format),
+    ((4, 6, 5, 3), torch.channels_last),
+    ((300, 5), torch.contiguous_format),  # one value per channel and sample
+    ((3, 4, 2, 3, 2), torch.channels_last_3d),
+    ((2, 3, 7), torch.contiguous_format),
+    ((2, 3, 1, 1), torch.contiguous_format),
+    ((16, 70, 40, 40), torch.contiguous_format),  # big enough for every thread
+    ((16, 70, 40, 40), torch.channels_last),
+]
+BACKWARDS = [("cluster", 0.6), ("cluster", 0.0), ("exact", 0.0), ("renorm", 0.0)]
+TOL = {torch.float64: 1e-10, torch.float32: 2e-4}
+
+
+class Handed(list):
+    """A gradient sink that keeps what the backward hands it."""
+
+    def __call__(self, count: float, dy: torch.Tensor, dy_xhat: torch.Tensor) -> None:
+        self.append((count, dy, dy_xhat))
+
+
+@pytest.fixture
+def composed():
+    """Run the step on torch's kernels for the duration of a block."""
+
+    class Switch:
+        def __enter__(self):
+            self.was = native.set_enabled(False)
+
+        def __exit__(self, *exc):
+            native.set_enabled(self.was)
+
+    return Switch()
+
+
+def test_the_kernels_are_built() -> None:
+    assert native.ops() is not None, f"psq's CPU kernels did not build: {native.error()}"
+
+
+def _case(shape, fmt, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    c = shape[1]
+
+    def rand(*size, scale=1.0, shift=0.0):
+        return torch.randn(*size, generator=gen, dtype=dtype) * scale + shift
+
+    x = rand(*shape, scale=3.0, shift=2.0).contiguous(memory_format=fmt)
+    g = rand(*shape).contiguous(memory_format=fmt)
+    weight, bias = rand(c).abs_() + 0.5, rand(c)
+    history = Blend(0.7, rand(c), rand(c).abs_() + 0.5, 0.6, rand(c), rand(c))
+    return x, g, weight, bias, history
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape,fmt", LAYOUTS)
+@pytest.mark.parametrize("gradient,gradient_share", BACKWARDS)
+def test_native_step_equals_torch_kernels(shape, fmt, dtype, gradient, gradient_share, composed) -> None:
+    x, g, weight, bias, h = _case(shape, fmt, dtype)
+    for blend in (Blend(), Blend(h.share, h.mean, h.var, gradient_share, h.dy, h.dy_xhat)):
+        handed_want, handed = Handed(), Handed()
+        with composed:
+            want_y, want = normalize(x, weight, bias, blend, 1e-5)
+            want_grads = gradients(g, want, weight, blend, 1e-5, gradient, handed_want)
+        got_y, got = normalize(x, weight, bias, blend, 1e-5)
+        got_grads = gradients(g, got, weight, blend, 1e-5, gradient, handed)
+        tol = TOL[dtype]
+        assert got_y.stride() == x.stride()  # the input's layout, as torch's kernels keep it
+        torch.testing.assert_close(got_y, want_y, rtol=tol, atol=tol)
+        for a, b in zip(got.tensors()[1:], want.tensors()[1:], strict=True):
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+        for a, b in zip(got_grads, want_grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol * x.numel() ** 0.5)
+        assert len(handed) == len(handed_want)  # the same hand-over of the gradient means
+        for (n, dy, dyx), (m, want_dy, want_dyx) in zip(handed, handed_want, strict=True):
+            assert n == m
+            torch.testing.assert_close(dy, want_dy, rtol=tol, atol=tol)
+            torch.testing.assert_close(dyx, want_dyx, rtol=tol, atol=tol)
+
+
+def test_a_strided_input_and_gradient_in_another_layout() -> None:
+    """A view with gaps is normalized as its copy would be; a gradient in another memory
+    format than the input is read in the input's."""
+    x, g, weight, bias, h = _case((6, 4, 8, 8), torch.contiguous_format, torch.float64)
+    view = x[:, :, ::2, 1::2]
+    y, saved = normalize(view, weight, bias, h, 1e-5)
+    y_copy, saved_copy = normalize(view.contiguous(), weight, bias, h, 1e-5)
+    torch.testing.assert_close(y, y_copy, rtol=0, atol=1e-12)
+    g_view = g[:, :, ::2, 1::2]
+    grads = gradients(g_view.contiguous(memory_format=torch.channels_last), saved, weight, h, 1e-5, "cluster", None)
+    want = gradients(g_view.contiguous(), saved_copy, weight, h, 1e-5, "cluster", None)
+    for a, b in zip(grads, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_the_variance_does_not_cancel_far_from_zero() -> None:
+    """Values around 1e4 with a spread of 1e-2: a one-pass variance without its shift would
+    lose every digit in float32."""
+    x = (torch.randn(8, 3, 16, 16, dtype=torch.float64) * 1e-2 + 1e4).float()
+    _, saved = normalize(x, None, None, Blend(), 1e-5)
+    want = x.double().var(dim=(0, 2, 3), unbiased=False)
+    torch.testing.assert_close(saved.var_b.double(), want, rtol=1e-3, atol=0)
+
+
+def test_the_step_falls_back_to_torch_kernels_when_turned_off(composed) -> None:
+    x, _, weight, bias, _ = _case((4, 6, 5, 3), torch.contiguous_format, torch.float64)
+    with composed:
+        assert native.ops() is None
+        _, saved = normalize(x, weight, bias, Blend(), 1e-5)
+        assert saved.mean is saved.mean_b  # the composition's own: no blend, the batch's tensors
+    _, saved = normalize(x, weight, bias, Blend(), 1e-5)
+    assert saved.mean is not saved.mean_b
+
+
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        (lambda x: x.to(torch.float16), "float32 or float64"),
+        (lambda x: x[0, 0, 0], "2 to 5 dimensions"),
+        (lambda x: x[:0], "non-empty"),
+    ],
+)
+def test_the_operators_refuse_what_they_cannot_normalize(bad, message) -> None:
+    x = torch.randn(4, 3, 5, 5)
+    with pytest.raises(RuntimeError, match=message):
+        native.ops().forward(bad(x), None, None, None, None, 0.0, 1e-5)
+
+
+def test_the_operators_refuse_statistics_of_another_size() -> None:
+    x = torch.randn(4, 3, 5, 5)
+    with pytest.raises(RuntimeError, match="must have 3 values, got 4"):
+        native.ops().forward(x, torch.ones(4), None, None, None, 0.0, 1e-5)
+    with pytest.raises(RuntimeError, match="needs the history"):
+        native.ops().forward(x, None, None, None, None, 0.5, 1e-5)
+    stats = torch.zeros(3)
+    with pytest.raises(RuntimeError, match="unknown backward mode"):
+        native.ops().backward(x, x, None, stats, stats, stats, stats, 7, 0.0, 0.0, None, None, 1e-5, True)
+
+
+def test_backward_mode_names_each_backward() -> None:
+    h = Blend(0.5, None, None, 0.4)
+    assert [backward_mode(g, h) for g in ("cluster", "exact", "renorm")] == ["cluster", "exact", "renorm"]
+    assert [backward_mode(g, Blend()) for g in ("cluster", "exact", "renorm")] == ["batch"] * 3
+    assert backward_mode("cluster", Blend(0.5)) == "batch"  # no gradient history yet
+
+
+def test_a_failed_build_falls_back_and_says_why(tmp_path) -> None:
+    """A source that does not compile (as on a machine without a compiler): the step runs on
+    torch's kernels, the log says why once, training goes on.  In a fresh process, so this
+    one keeps its kernels."""
+    broken = tmp_path / "native.cpp"
+    broken.write_text("this is not C++\n")
+    script = textwrap.dedent(
+        f"""
+        import logging, torch
+        from psq import native
+        from psq.kernels import Blend, normalize
+        logging.basicConfig(level=logging.WARNING)
+        native.SOURCE = __import__("pathlib").Path({str(broken)!r})
+        y, saved = normalize(torch.randn(4, 3, 5, 5), None, None, Blend(), 1e-5)
+        y, saved = normalize(torch.randn(4, 3, 5, 5), None, None, Blend(), 1e-5)
+        assert native.ops() is None and native.error() is not None
+        assert saved.mean is saved.mean_b  # torch's kernels did it
+        print("fell back")
+        """
+    )
+    env = {"TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "fell back" in done.stdout
+    assert done.stderr.count("psq's CPU kernels are not available") == 1
