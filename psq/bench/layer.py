@@ -11,6 +11,8 @@ Side by side in one run, per shape (from a tiny 1x16x8x8 to ResNet-50's layers a
   ``psq bench step``, a layer's share of it is here;
 * ``psq w=0``: the same path with ``history_weight=0`` (batch norm's statistics, psq's
   bookkeeping): what psq costs before any blending;
+* ``psq torch``: ``psq`` with its step composed of torch's kernels (what runs where psq's own,
+  :mod:`psq.native`, cannot be built), for the gain of the fused kernels in the same run;
 * ``floor``: torch's own batch-norm kernels, forward and backward, called from the cheapest
   Python ``autograd.Function`` (no blend, no loop): what any layer whose step is written in
   Python costs, psq's included, before it does anything of its own;
@@ -33,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from psq import native
 from psq.bench.services import cluster
 from psq.bench.timing import emit, interleaved
 from psq.loop import WorkerLoop
@@ -94,6 +97,17 @@ def _step(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, loop: WorkerLoop |
     return call
 
 
+def _on_torch_kernels(call: Callable[[], object]) -> Callable[[], object]:
+    def composed() -> object:
+        was = native.set_enabled(False)
+        try:
+            return call()
+        finally:
+            native.set_enabled(was)
+
+    return composed
+
+
 def _with_history(layer: nn.Module, call: Callable[[], object], loop: WorkerLoop, timeout_s: float = 10.0) -> None:
     """Step until the layer's history holds gradient means too (two round trips)."""
     deadline = time.monotonic() + timeout_s
@@ -116,6 +130,7 @@ def measure(case: Case, loop: WorkerLoop, rounds: int, min_round_s: float, with_
         "bn": nn.BatchNorm2d(c),
         "psq": PSBatchNorm(c, name=f"{name}-psq", loop=loop, warmup_images=0),
         "psq w=0": PSBatchNorm(c, name=f"{name}-w0", loop=loop, history_weight=0.0),
+        "psq torch": PSBatchNorm(c, name=f"{name}-torch", loop=loop, warmup_images=0),
         "floor": Floor(c),
     }
     if with_compile:
@@ -123,6 +138,7 @@ def measure(case: Case, loop: WorkerLoop, rounds: int, min_round_s: float, with_
         layers["bn compiled"] = torch.compile(nn.BatchNorm2d(c))
         layers["psq compiled"] = torch.compile(PSBatchNorm(c, name=f"{name}-c", loop=loop, warmup_images=0))
     calls = {k: _step(m, x, g, loop if k.startswith("psq") else None) for k, m in layers.items()}
+    calls["psq torch"] = _on_torch_kernels(calls["psq torch"])
     for key, layer in layers.items():
         if key.startswith("psq"):
             _with_history(layer, calls[key], loop)
@@ -139,7 +155,7 @@ def _calls_per_round(call: Callable[[], object], min_round_s: float) -> int:
 
 def run(shapes: str, rounds: int, min_round_s: float, with_compile: bool, as_json: bool) -> None:
     cases = [Case(s, f) for s in SHAPES[shapes] for f in FORMATS]
-    headers = ["shape", "format", "bn µs", "psq µs", "psq w=0 µs", "psq / bn", "w=0 / bn", "floor / bn"]
+    headers = ["shape", "format", "bn µs", "psq µs", "psq / bn", "w=0 / bn", "psq torch / bn", "floor / bn"]
     if with_compile:
         headers += ["compiled bn µs", "compiled psq µs", "compiled psq / bn", "compiled psq / eager bn"]
     rows = []
@@ -148,8 +164,8 @@ def run(shapes: str, rounds: int, min_round_s: float, with_compile: bool, as_jso
         loop.wait_ready(30.0)
         for case in cases:
             us = measure(case, loop, rounds, min_round_s, with_compile)
-            row = ["x".join(map(str, case.shape)), case.memory_format, us["bn"], us["psq"], us["psq w=0"]]
-            row += [us["psq"] / us["bn"], us["psq w=0"] / us["bn"], us["floor"] / us["bn"]]
+            row = ["x".join(map(str, case.shape)), case.memory_format, us["bn"], us["psq"], us["psq"] / us["bn"]]
+            row += [us["psq w=0"] / us["bn"], us["psq torch"] / us["bn"], us["floor"] / us["bn"]]
             if with_compile:
                 row += [us["bn compiled"], us["psq compiled"], us["psq compiled"] / us["bn compiled"]]
                 row += [us["psq compiled"] / us["bn"]]
