@@ -21,7 +21,7 @@ from lightning.pytorch.plugins import LayerSync
 from torch import nn
 
 from psq.config import DEFAULT_FRONTEND, endpoint, name
-from psq.loop import WorkerLoop
+from psq.loop import DEFAULT_PUSH_INTERVAL_S, WorkerLoop
 from psq.security import ClientKeys
 from psq.torch import check_options, convert_batchnorm, revert_batchnorm
 
@@ -49,7 +49,7 @@ class PsqLayerSync(LayerSync):
         *,
         job: str,
         keys: ClientKeys | None = None,
-        push_interval_s: float = 0.0,
+        push_interval_s: float = DEFAULT_PUSH_INTERVAL_S,
         wait_for_service_s: float = 30.0,
         flush_timeout_s: float = 10.0,
         prefix: str = "",

@@ -12,7 +12,9 @@ or inside the trainer's own asyncio loop (``async with WorkerLoop(...) as loop:`
 Layers (see :mod:`psq.torch`) ``submit`` their batch statistics to the current step without
 waiting, and ``submit_gradient`` the statistics of their backward pass; a step closes when
 ``step()`` is called, or by itself when a layer submits a second time, and is pushed in the
-background: one message per shard, all layers and their gradients in it.  Layers read the
+background: one message per shard, all layers and their gradients in it.  Steps that close
+within ``push_interval_s`` (default 50 ms) of the last message are merged exactly into the next
+one, so a fast trainer sends at most 20 messages a second; 0 sends every step.  Layers read the
 latest history of their layer (moments and gradient means) with ``history(name)``.  When the broker or an aggregator is
 away the loop logs once, the layers train on batch statistics and the last history they have,
 and it recovers by itself.  No wait anywhere is unbounded.
@@ -48,6 +50,12 @@ from psq.security import ClientKeys
 from psq.stats import Moments
 from psq.steps import ClosedStep, ExchangeSteps, StepBook
 
+# A push costs the worker's loop, the broker and the aggregator about a millisecond of CPU each,
+# which a fast trainer's step may not.  Steps closer together than this are merged (exactly) into
+# one message: at most 20 messages a second per worker, a few steps of staleness more for a fast
+# trainer, none for one whose steps take longer (chosen in docs/performance.md, "The push interval").
+DEFAULT_PUSH_INTERVAL_S = 0.05
+
 
 class ForkedLoop(RuntimeError):
     """A WorkerLoop used in a process forked from the one that started it."""
@@ -69,7 +77,7 @@ class WorkerLoop:
         staleness_timeout_s: float = 1.0,
         dtype: str = "<f4",
         auto_step: bool = True,
-        push_interval_s: float = 0.0,
+        push_interval_s: float = DEFAULT_PUSH_INTERVAL_S,
         keys: ClientKeys | None = None,
     ) -> None:
         if mode not in ("async", "sync"):

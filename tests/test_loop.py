@@ -6,13 +6,14 @@ import asyncio
 import multiprocessing
 import signal
 import threading
+import time
 
 import numpy as np
 import pytest
 import zmq
 from conftest import wait_until
 
-from psq.loop import ForkedLoop, GradientSubmission, Submission, WorkerLoop
+from psq.loop import DEFAULT_PUSH_INTERVAL_S, ForkedLoop, GradientSubmission, Submission, WorkerLoop
 from psq.stats import History, Moments
 
 
@@ -51,6 +52,25 @@ def test_a_layer_submitting_twice_closes_the_step_by_itself(cluster):
         assert loop.flush(10)
         # pushes made while one is in flight are merged into one update: count samples, not versions
         assert loop.history("a").moments.count == pytest.approx(3 * 8.0, rel=1e-4)
+
+
+def test_by_default_steps_faster_than_the_push_interval_share_a_message(cluster):
+    c = cluster(1, "--half-life", "1e12")  # no decay to speak of: the history counts every sample
+    with WorkerLoop(c.endpoints.frontend, job="job", worker="w0") as loop:
+        assert loop.push_interval_s == DEFAULT_PUSH_INTERVAL_S > 0
+        assert loop.wait_ready(10)
+        before = loop.client.stats["messages"]
+        started = time.monotonic()
+        for step in range(20):  # a fast trainer: 20 steps in far less than one interval
+            loop.submit("a", submission(step))
+            loop.step()
+        elapsed_s = time.monotonic() - started
+        assert loop.flush(10)
+        sent = loop.client.stats["messages"] - before
+        assert loop.history("a").moments.count == pytest.approx(20 * 8.0, rel=1e-4)  # every sample
+        assert loop.summary()["answered"] == 20  # every step's push was answered, by a shared reply
+    # one send at once, one after the interval with the rest merged (more only if this test stalled)
+    assert sent <= 2 + elapsed_s / DEFAULT_PUSH_INTERVAL_S
 
 
 def test_the_loop_keeps_going_while_the_broker_is_away_and_recovers(cluster, spawn, caplog):

@@ -27,6 +27,7 @@ from psq.config import (
     setting,
     unit_interval,
 )
+from psq.loop import DEFAULT_PUSH_INTERVAL_S
 from psq.stats import GRADIENTS
 
 SHARDINGS = ("iid", "skewed", "split")  # how workers.data deals the training images
@@ -81,7 +82,9 @@ class TrainSettings:
     job: str | None = setting(None, "job name on the statistics service (default: digits-<run id>)", name)
     wait_for_service_s: float = setting(30.0, "psq: how long to wait for the service before training", positive_float)
     push_interval_s: float = setting(
-        0.0, "psq: least time between two pushes (steps in between are merged)", non_negative_float
+        DEFAULT_PUSH_INTERVAL_S,
+        "psq: least time between two pushes (steps in between are merged; 0: every step)",
+        non_negative_float,
     )
     secret_key: Path | None = setting(
         None, "this worker's CurveZMQ secret key file", optional_path, "PSQ_WORKER_SECRET_KEY", shared=True
