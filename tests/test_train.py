@@ -240,8 +240,10 @@ def test_accuracy_bench_methods_and_variants_are_parsed_and_checked():
     assert method("psq-renorm") == Method("psq-renorm", "psq", (("gradient", "renorm"),))
     variant = method("psq:history_weight=0.8,half_life=64,gradient=exact")
     assert variant.options == (("gradient", "exact"), ("history_weight", 0.8)) and variant.half_life == 64.0
+    assert method("psq:push_interval_s=0").options == (("push_interval_s", 0.0),)  # a loop option, same path
     for bad, text in (
         ("psq:history_weight=1.5", "expected a number in [0, 1)"),
+        ("psq:push_interval_s=-1", "expected a non-negative number"),
         ("psq:momentum=0.1", "key=value pairs of history_weight"),
         ("batchnorm", "expected local, syncbn, psq"),
     ):

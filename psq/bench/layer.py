@@ -6,9 +6,9 @@ Side by side in one run, per shape (from a tiny 1x16x8x8 to ResNet-50's layers a
 * ``bn``: ``nn.BatchNorm2d`` in training mode, the reference;
 * ``psq``: a converted layer with a history (the default weights, no warm-up left): the blend,
   the cluster gradient, the hand-over of both statistics to the loop and the loop's
-  bookkeeping, against a live broker and aggregator.  The loop closes and pushes a step every
-  53 calls, as for a ResNet-50's 53 layers: the push's cost per step belongs to
-  ``psq bench step``, a layer's share of it is here;
+  bookkeeping, against a live broker and aggregator.  The loop closes a step every 53 calls,
+  as for a ResNet-50's 53 layers, and pushes with its default interval: the push's cost
+  belongs to ``psq bench step``, a layer's share of it is here;
 * ``psq w=0``: the same path with ``history_weight=0`` (batch norm's statistics, psq's
   bookkeeping): what psq costs before any blending;
 * ``psq torch``: ``psq`` with its step composed of torch's kernels (what runs where psq's own,
