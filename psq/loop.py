@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import os
 import threading
 import time
@@ -96,6 +97,13 @@ class WorkerLoop:
         self._counters = LoopCounters()
         self._pushes = Pushes(dtype, self._lock, self._counters)
         self._loop: asyncio.AbstractEventLoop | None = None  # where the client runs
+        # Closed steps wait here, under the lock, for the next message: one drain task at a time
+        # sends them, at most one message per push interval, so a step costs the event loop nothing.
+        self._outbox: list[ClosedStep[Submission, GradientSubmission]] = []
+        self._draining = False
+        self._sending = 0  # steps in the message on its way
+        self._last_push_s = float("-inf")  # the event loop's clock
+        self._hurry: asyncio.Event | None = None  # a flush: send what waits without the interval
         self._host = LoopThread(f"psq-{worker}")
         self._pid = os.getpid()
         _LOOPS.add(self)
@@ -137,22 +145,18 @@ class WorkerLoop:
 
     async def _open(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._hurry = asyncio.Event()
         timeout_s = max(self.timeout_s, self.sync_timeout_s + 1.0) if self.mode == "sync" else self.timeout_s
-        # In async mode a minimum interval between pushes bounds the message rate of a fast trainer:
-        # the steps in between are merged, not dropped.  Sync mode must send every exchange at once.
+        # The loop paces its own messages (see _drain): the client sends each push at once.
         self._pushes.client = StatsClient(
-            self.frontend,
-            job=self.job,
-            worker=self.worker,
-            timeout_s=timeout_s,
-            retries=self.retries,
-            min_interval_s=self.push_interval_s if self.mode == "async" else 0,
-            keys=self.keys,
+            self.frontend, job=self.job, worker=self.worker, timeout_s=timeout_s, retries=self.retries, keys=self.keys
         )
         await self._pushes.client.open()
 
     async def _close(self) -> None:
         await self._in_flight.cancel()
+        with self._lock:  # steps not yet sent are given up, as a push in flight is
+            self._outbox, self._draining = [], False
         if self._pushes.client is not None:
             await self._pushes.client.close()
         self._pushes.client = None
@@ -197,11 +201,55 @@ class WorkerLoop:
             return closed.number
 
     def _hand_over(self, closed: ClosedStep[Submission, GradientSubmission] | None) -> None:
-        """Push a closed step on the event loop (called with the lock held)."""
+        """Queue a closed step for the next message (called with the lock held); wake the event
+        loop only when no drain is under way."""
         if closed is None or not closed.entries:
             return
-        if self._loop is not None and self._pushes.client is not None:
-            self._in_flight.hand_over(self._loop, self._pushes.push(closed))
+        if self._loop is None or self._pushes.client is None:
+            return
+        self._outbox.append(closed)
+        if not self._draining:
+            self._draining = True
+            self._in_flight.hand_over(self._loop, self._drain())
+
+    async def _drain(self) -> None:
+        """On the event loop: send the queued steps, pooled into one message, at most one message
+        per push interval (a flush sends at once); end when nothing is queued."""
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                with self._lock:
+                    if not self._outbox:  # nothing waits: the next closed step starts a drain
+                        self._draining = False
+                        if self._hurry is not None:  # a flush's, answered
+                            self._hurry.clear()
+                        return
+                await self._pace(loop)
+                with self._lock:
+                    steps, self._outbox = self._outbox, []
+                    self._sending = len(steps)
+                self._last_push_s = loop.time()
+                await self._pushes.push(steps)
+                self._sending = 0
+        except BaseException:  # cancelled (closing), or a bug: the next step must start a drain
+            with self._lock:
+                self._draining, self._sending = False, 0
+            raise
+
+    async def _pace(self, loop: asyncio.AbstractEventLoop) -> None:
+        wait_s = self._last_push_s + self.push_interval_s - loop.time()
+        hurry = self._hurry
+        if wait_s <= 0 or hurry is None:
+            return
+        if not hurry.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(hurry.wait(), wait_s)
+        hurry.clear()
+
+    def _send_now(self) -> None:
+        """Have a drain waiting out the push interval send at once (any thread, lock held)."""
+        if self._loop is not None and self._hurry is not None and self._draining:
+            self._loop.call_soon_threadsafe(self._hurry.set)
 
     def history(self, name: str) -> LayerHistory | None:
         """The latest history of a layer (None before the first answer)."""
@@ -262,12 +310,14 @@ class WorkerLoop:
         self._forbid_loop_thread("flush")
         with self._lock:
             self._push_open_step()
+            self._send_now()
             return self._in_flight.wait(timeout_s)
 
     async def aflush(self, timeout_s: float = 10.0) -> bool:
         """:meth:`flush` for code running in the loop's own thread."""
         with self._lock:
             self._push_open_step()
+            self._send_now()
         return await self._in_flight.drained(timeout_s)
 
     def _push_open_step(self) -> None:
@@ -276,10 +326,11 @@ class WorkerLoop:
 
     def summary(self) -> dict[str, Any]:
         """The loop's counts (:class:`~psq.counters.LoopCounters`: steps, pushes answered,
-        unavailable or rejected, staleness), ``in_flight`` (pushes on their way now) and, while
+        unavailable or rejected, staleness), ``in_flight`` (steps pushed and not yet answered) and, while
         it runs, the client's ``stats``."""
         summary = self._counters.summary(self.current_step)
-        summary["in_flight"] = self._in_flight.count
+        with self._lock:
+            summary["in_flight"] = len(self._outbox) + self._sending
         if self._pushes.client is not None:
             summary["client"] = dict(self._pushes.client.stats)
         return summary
@@ -307,7 +358,8 @@ class WorkerLoop:
 
     def _forget_after_fork(self) -> None:
         # The child inherits copies of the parent's sockets and thread state: never touch them.
-        self._loop = self._pushes.client = None
+        self._loop = self._pushes.client = self._hurry = None
+        self._outbox, self._draining = [], False
         self._host.forget()
         self._in_flight.forget()
 

@@ -1,8 +1,8 @@
 """What a worker sends and what comes back: its layers' statistics, and the cluster's history.
 
-:class:`Pushes` sends a closed step (or, in sync mode, one layer's exchange) through the
-:class:`~psq.client.StatsClient` on the event loop, counts what became of it, and keeps the
-latest history of every layer it brought back.  When the service is away it logs once, and
+:class:`Pushes` sends closed steps, pooled exactly into one message (or, in sync mode, one
+layer's exchange), through the :class:`~psq.client.StatsClient` on the event loop, counts what
+became of them, and keeps the latest history of every layer it brought back.  When the service is away it logs once, and
 once when it answers again; a refusal that repeats every step is logged once a minute.
 
 This module does not import torch: what layers submit is numpy, or a :class:`Submission`
@@ -15,7 +15,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +23,7 @@ import numpy as np
 from psq.client import PushResult, Rejected, StatsClient, Unavailable
 from psq.counters import LoopCounters
 from psq.logs import Throttled
-from psq.stats import GradientMeans, Moments, pool_gradients
+from psq.stats import GradientMeans, Moments, pool, pool_gradients
 from psq.steps import ClosedStep
 
 log = logging.getLogger("psq.loop")
@@ -81,18 +81,24 @@ class Pushes:
         self._away = False
         self._refusals = Throttled(log)  # a refusal repeats every step it stays true
 
-    async def push(self, closed: ClosedStep[Submission, GradientSubmission]) -> None:
-        """Push a closed step, once its device copies landed; the gradients that are finite."""
-        number, entries, gradients = closed.number, closed.entries, closed.gradients
-        if not await landed([*entries.values(), *(g for gs in gradients.values() for g in gs)], number):
+    async def push(self, steps: Sequence[ClosedStep[Submission, GradientSubmission]]) -> None:
+        """Push closed steps as one message per shard, once their device copies landed: each
+        layer's statistics pooled exactly over the steps, and its gradients that are finite."""
+        number = steps[-1].number
+        parts = [s for c in steps for s in c.entries.values()]
+        parts += [g for c in steps for gs in c.gradients.values() for g in gs]
+        if not await landed(parts, number):
             return
-        stats = {name: Moments(s.count, s.mean, s.var) for name, s in entries.items()}
-        images = {name: s.images for name, s in entries.items() if s.images is not None}
+        stats, images = pooled_moments(steps)
+        gradients: dict[str, list[GradientSubmission]] = {}
+        for c in steps:
+            for name, gs in c.gradients.items():
+                gradients.setdefault(name, []).extend(gs)
         grads, dropped = finite_gradients(number, gradients)
         self.counters.nonfinite_gradients += dropped
         # a step whose gradients were all left out still asks for the cluster's gradient history
         what = f"step {number}'s statistics"
-        await self.send(number, stats, images, grads if gradients else None, what, refusal=None)
+        await self.send(number, stats, images, grads if gradients else None, what, refusal=None, steps=len(steps))
 
     async def exchange(self, name: str, number: int, stats: Submission) -> tuple[Moments, bool] | None:
         if not await landed([stats], number):
@@ -111,31 +117,34 @@ class Pushes:
         gradients: Mapping[str, GradientMeans] | None,
         what: str,
         refusal: str | None,
+        steps: int = 1,
     ) -> PushResult | None:
         """Push and keep the history that comes back; None, counted and logged, when the
-        service is away or refuses (``what`` was refused; ``refusal`` keys its throttled log)."""
+        service is away or refuses (``what`` was refused; ``refusal`` keys its throttled log).
+        ``steps``: how many of the worker's steps the statistics pool (each one is counted)."""
         assert self.client is not None
-        self.counters.pushes += 1
+        self.counters.pushes += steps
         try:
             result = await self.client.push(number, stats, self.dtype, images=images, gradients=gradients)
         except Unavailable as exc:
-            self.counters.unavailable += 1
+            self.counters.unavailable += steps
             if exc.partial is not None:
                 self.record(number, exc.partial, back=False)
             self.went_away(str(exc))
             return None
         except Rejected as exc:
-            self.counters.rejected += 1
+            self.counters.rejected += steps
             # one line per refusal and layer a minute: the step number changes every step
             self._refusals.error((exc.code, refusal), "psq: the aggregator refused %s: %s", what, exc)
             return None
-        self.record(number, result)
+        self.record(number, result, answered=steps)
         return result
 
-    def record(self, number: int, result: PushResult, back: bool = True) -> None:
-        """Keep the history a reply carried (``back``: a complete answer, not a partial one)."""
+    def record(self, number: int, result: PushResult, answered: int = 1, back: bool = True) -> None:
+        """Keep the history a reply carried (``back``: a complete answer, not a partial one, to
+        ``answered`` steps)."""
         if back:
-            self.counters.answered += 1
+            self.counters.answered += answered
         versions = result.versions
         with self._lock:
             # Replies of a shard arrive in order (one request in flight per shard), so the latest
@@ -182,17 +191,44 @@ async def landed(entries: list[Submission | GradientSubmission], number: int) ->
     return True
 
 
+def pooled_moments(
+    steps: Sequence[ClosedStep[Submission, GradientSubmission]],
+) -> tuple[dict[str, Moments], dict[str, float]]:
+    """Each layer's moments pooled over the steps, and the images behind them (for the layers
+    whose submissions name them; a part that does not counts each element as an image)."""
+    parts: dict[str, list[Submission]] = {}
+    for c in steps:
+        for name, s in c.entries.items():
+            parts.setdefault(name, []).append(s)
+    stats = {name: pool([Moments(s.count, s.mean, s.var) for s in ss]) for name, ss in parts.items()}
+    images = {
+        name: sum(s.count if s.images is None else s.images for s in ss)
+        for name, ss in parts.items()
+        if any(s.images is not None for s in ss)
+    }
+    return stats, images
+
+
 def finite_gradients(
     number: int, gradients: Mapping[str, list[GradientSubmission]]
 ) -> tuple[dict[str, GradientMeans], int]:
-    """Each layer's backward statistics of the step, pooled, and how many layers' were left out
-    for NaN or infinity (a mixed-precision step whose loss scale overflowed: its moments still go)."""
+    """Each layer's backward statistics, pooled, and how many of them were left out for NaN or
+    infinity (a mixed-precision step whose loss scale overflowed: its moments still go).  A layer
+    none of whose parts is finite is not sent."""
     out, dropped = {}, 0
     for name, parts in gradients.items():
-        pooled = pool_gradients([GradientMeans(p.count, p.dy, p.dy_xhat) for p in parts])
-        if np.isfinite(pooled.dy).all() and np.isfinite(pooled.dy_xhat).all():
-            out[name] = pooled
-        else:
-            dropped += 1
+        means = [GradientMeans(p.count, p.dy, p.dy_xhat) for p in parts]
+        pooled = pool_gradients(means)
+        if not _finite(pooled):  # the rare case: keep the parts that are finite
+            kept = [m for m in means if _finite(m)]
+            dropped += len(means) - len(kept)
             log.debug("psq: step %d's gradient statistics of %s are not finite; not sent", number, name)
+            if not kept:
+                continue
+            pooled = pool_gradients(kept)
+        out[name] = pooled
     return out, dropped
+
+
+def _finite(g: GradientMeans) -> bool:
+    return bool(np.isfinite(g.dy).all() and np.isfinite(g.dy_xhat).all())

@@ -103,11 +103,29 @@ def pool_gradients(parts: list[GradientMeans]) -> GradientMeans:
     """The exact pooled means of several sets of gradient means (weighted by their counts)."""
     if len(parts) == 1:
         return parts[0]
+    weights, total = _pool_weights(parts)
+    dy = (weights * np.array([p.dy for p in parts], dtype=np.float64)).sum(axis=0)
+    dy_xhat = (weights * np.array([p.dy_xhat for p in parts], dtype=np.float64)).sum(axis=0)
+    return GradientMeans(total, dy, dy_xhat)
+
+
+def pool(parts: list[Moments]) -> Moments:
+    """The exact pooled moments of several sets with scalar counts (as :func:`merge` of them all),
+    in one pass over the stacked sets: a worker's steps sent as one message."""
+    if len(parts) == 1:
+        return parts[0]
+    weights, total = _pool_weights(parts)
+    means = np.array([p.mean for p in parts], dtype=np.float64)
+    mean = (weights * means).sum(axis=0)
+    spread = np.array([p.var for p in parts], dtype=np.float64) + (means - mean) ** 2
+    return Moments(total, mean, (weights * spread).sum(axis=0))
+
+
+def _pool_weights(parts: list[Any]) -> tuple[F64, float]:
+    """Each set's share of the pooled count (a column, to scale its rows), and that count."""
     counts = np.array([float(p.count) for p in parts])
-    weights = counts / max(float(counts.sum()), _TINY)
-    dy = sum(w * np.asarray(p.dy, np.float64) for w, p in zip(weights, parts))
-    dy_xhat = sum(w * np.asarray(p.dy_xhat, np.float64) for w, p in zip(weights, parts))
-    return GradientMeans(float(counts.sum()), dy, dy_xhat)
+    total = float(counts.sum())
+    return (counts / max(total, _TINY))[:, None], total
 
 
 @dataclass(frozen=True)

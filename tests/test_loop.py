@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import multiprocessing
 import signal
 import threading
@@ -14,7 +15,7 @@ import zmq
 from conftest import wait_until
 
 from psq.loop import DEFAULT_PUSH_INTERVAL_S, ForkedLoop, GradientSubmission, Submission, WorkerLoop
-from psq.stats import History, Moments
+from psq.stats import History, Moments, merge
 
 
 def submission(seed: int, channels: int = 4, count: float = 8.0) -> Submission:
@@ -71,6 +72,51 @@ def test_by_default_steps_faster_than_the_push_interval_share_a_message(cluster)
         assert loop.summary()["answered"] == 20  # every step's push was answered, by a shared reply
     # one send at once, one after the interval with the rest merged (more only if this test stalled)
     assert sent <= 2 + elapsed_s / DEFAULT_PUSH_INTERVAL_S
+
+
+def test_steps_waiting_out_the_interval_go_as_one_exact_update_and_a_flush_sends_them_at_once(cluster):
+    c = cluster(1, "--half-life", "100")
+    reference = History(100.0)
+    with WorkerLoop(c.endpoints.frontend, job="job", worker="w0", dtype="<f8", push_interval_s=30.0) as loop:
+        assert loop.wait_ready(10)
+        first = submission(0)
+        loop.submit("a", first)
+        loop.step()  # the first message goes at once
+        assert loop.flush(10)
+        reference.update(Moments(first.count, first.mean, first.var))
+        waiting = [submission(1 + i, count=4.0 + i) for i in range(4)]
+        for s in waiting:  # all within the 30 s interval: they wait, pooled, for the next message
+            loop.submit("a", s)
+            loop.step()
+        assert loop.summary()["in_flight"] == 4
+        started = time.monotonic()
+        assert loop.flush(10) and time.monotonic() - started < 10, "a flush does not wait out the interval"
+        pooled = functools.reduce(merge, [Moments(s.count, s.mean, s.var) for s in waiting])
+        reference.update(pooled)  # the aggregator saw one update of the four steps' samples
+        got, summary = loop.history("a"), loop.summary()
+    assert got.version == 2 and got.step == 4
+    np.testing.assert_allclose(got.moments.count, reference.moments.count, rtol=1e-12)
+    np.testing.assert_allclose(got.moments.mean, reference.moments.mean, rtol=1e-12)
+    np.testing.assert_allclose(got.moments.var, reference.moments.var, rtol=1e-12)
+    assert summary["pushes"] == summary["answered"] == 5 and summary["in_flight"] == 0
+
+
+def test_a_step_whose_gradients_are_not_finite_leaves_out_its_own_not_those_it_is_pooled_with(cluster):
+    c = cluster(1, "--half-life", "1e12")
+    with WorkerLoop(c.endpoints.frontend, job="job", worker="w0", push_interval_s=30.0) as loop:
+        assert loop.wait_ready(10)
+        loop.submit("a", submission(0))
+        loop.step()
+        assert loop.flush(10)
+        for dy in (np.full(4, np.nan), np.ones(4), np.full(4, 3.0)):  # pooled into one message
+            loop.submit("a", submission(1))
+            loop.submit_gradient("a", GradientSubmission(8.0, dy, np.zeros(4)))
+            loop.step()
+        assert loop.flush(10)
+        g, summary = loop.history("a").gradient, loop.summary()
+    assert summary["nonfinite_gradients"] == 1
+    assert g.count == pytest.approx(16.0, rel=1e-6)
+    np.testing.assert_allclose(g.dy, np.full(4, 2.0), rtol=1e-6)
 
 
 def test_the_loop_keeps_going_while_the_broker_is_away_and_recovers(cluster, spawn, caplog):

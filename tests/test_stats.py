@@ -8,7 +8,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from psq.stats import History, Moments, Scratch, blend, blend_weight, merge, merge_into, unbiased_var
+from psq.stats import (
+    GradientMeans,
+    History,
+    Moments,
+    Scratch,
+    blend,
+    blend_weight,
+    merge,
+    merge_into,
+    pool,
+    pool_gradients,
+    unbiased_var,
+)
 
 settings.register_profile("psq", deadline=None, max_examples=60)
 settings.load_profile("psq")
@@ -55,6 +67,38 @@ def test_merge_is_associative_and_commutative(triple):
     close(left.var, right.var, scale**2, 1e-12)
     close(swapped.mean, ab.mean, scale, 1e-12)
     close(swapped.var, ab.var, scale**2, 1e-12)
+
+
+@given(st.integers(1, 5).flatmap(lambda c: st.lists(batches(c), min_size=1, max_size=5)))
+def test_pool_equals_moments_of_concatenation(sets):
+    got = pool([Moments(float(len(x)), *_moments(x)) for x in sets])
+    want = Moments.of(np.concatenate(sets), 0)
+    scale = float(max(np.max(np.abs(x)) for x in sets)) + 1.0
+    assert got.count == want.count
+    close(got.mean, want.mean, scale)
+    close(got.var, want.var, scale**2)
+
+
+@given(st.integers(1, 5).flatmap(lambda c: st.lists(batches(c), min_size=1, max_size=5)))
+def test_pooled_gradient_means_are_the_means_of_all_the_elements(sets):
+    pairs = [(g, np.sin(g)) for g in sets]  # ∂L/∂y and ∂L/∂y·x̂ of each set's elements
+    got = pool_gradients([GradientMeans(float(len(g)), g.mean(0), gx.mean(0)) for g, gx in pairs])
+    scale = float(max(np.max(np.abs(g)) for g in sets)) + 1.0
+    assert got.count == sum(len(g) for g in sets)
+    close(got.dy, np.concatenate([g for g, _ in pairs]).mean(0), scale)
+    close(got.dy_xhat, np.concatenate([gx for _, gx in pairs]).mean(0), scale)
+
+
+def test_pool_leaves_out_a_set_with_count_zero():
+    a = Moments(4.0, np.array([1.0, 2.0]), np.array([0.5, 3.0]))
+    got = pool([Moments(0.0, np.full(2, 9.0), np.full(2, 9.0)), a])
+    assert got.count == 4.0
+    np.testing.assert_allclose(got.mean, a.mean, rtol=1e-15)
+    np.testing.assert_allclose(got.var, a.var, rtol=1e-15)
+
+
+def _moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return x.mean(axis=0), x.var(axis=0)
 
 
 def test_merge_with_empty_set_is_identity():
