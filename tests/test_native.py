@@ -80,7 +80,7 @@ def test_native_step_equals_torch_kernels(shape, fmt, dtype, gradient, gradient_
         tol = TOL[dtype]
         assert got_y.stride() == x.stride()  # the input's layout, as torch's kernels keep it
         torch.testing.assert_close(got_y, want_y, rtol=tol, atol=tol)
-        for a, b in zip(got.tensors()[1:], want.tensors()[1:], strict=True):
+        for a, b in zip(got[1:], want[1:], strict=True):
             torch.testing.assert_close(a, b, rtol=tol, atol=tol)
         for a, b in zip(got_grads, want_grads, strict=True):
             torch.testing.assert_close(a, b, rtol=tol, atol=tol * x.numel() ** 0.5)
