@@ -13,8 +13,9 @@ Layers (see :mod:`psq.torch`) ``submit`` their batch statistics to the current s
 waiting, and ``submit_gradient`` the statistics of their backward pass; a step closes when
 ``step()`` is called, or by itself when a layer submits a second time, and is pushed in the
 background: one message per shard, all layers and their gradients in it.  Steps that close
-within ``push_interval_s`` (default 50 ms) of the last message are merged exactly into the next
-one, so a fast trainer sends at most 20 messages a second; 0 sends every step.  Layers read the
+within ``push_interval_s`` (default 50 ms) of the last message wait in an outbox (a list, under
+the loop's lock: a step costs the event loop nothing) and go pooled, exactly, in the next one,
+so a fast trainer sends at most 20 messages a second; 0 sends every step.  Layers read the
 latest history of their layer (moments and gradient means) with ``history(name)``.  When the broker or an aggregator is
 away the loop logs once, the layers train on batch statistics and the last history they have,
 and it recovers by itself.  No wait anywhere is unbounded.
