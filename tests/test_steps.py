@@ -7,12 +7,15 @@ import asyncio
 import concurrent.futures
 import threading
 
+import numpy as np
 import pytest
 
 from psq.counters import LoopCounters
 from psq.inflight import InFlight
 from psq.loop_thread import LoopThread, run_threadsafe
-from psq.steps import ExchangeSteps, StepBook
+from psq.pushes import Submission, pooled_moments
+from psq.stats import Moments
+from psq.steps import ClosedStep, ExchangeSteps, StepBook
 
 
 def test_a_layer_reporting_twice_closes_the_step_with_everything_in_it():
@@ -159,3 +162,22 @@ def test_a_drained_wait_sees_a_push_handed_over_from_another_thread_and_cancel_s
         return still_waiting, drained, in_flight.count
 
     assert asyncio.run(main()) == (True, True, 0)
+
+
+def test_steps_sent_in_one_message_pool_each_layers_moments_and_images():
+    def sub(values: list[float], images: float | None) -> Submission:
+        x = np.array(values)
+        return Submission(float(x.size), np.array([x.mean()]), np.array([x.var()]), None, images)
+
+    steps = [
+        ClosedStep(0, {"a": sub([1.0, 2.0], 1.0), "b": sub([5.0], None)}),
+        ClosedStep(1, {"a": sub([4.0, 6.0, 8.0], 3.0)}),  # layer b did not run in this step
+        ClosedStep(2, {"b": sub([7.0, 9.0], None)}),
+    ]
+    stats, images = pooled_moments(steps)
+    want_a = Moments.of(np.array([[1.0], [2.0], [4.0], [6.0], [8.0]]), 0)
+    want_b = Moments.of(np.array([[5.0], [7.0], [9.0]]), 0)
+    for got, want in ((stats["a"], want_a), (stats["b"], want_b)):
+        assert got.count == want.count
+        np.testing.assert_allclose([got.mean, got.var], [want.mean, want.var], rtol=1e-14)
+    assert images == {"a": 4.0}  # b's submissions name no images: each element counts as one
