@@ -15,7 +15,8 @@ waiting, and ``submit_gradient`` the statistics of their backward pass; a step c
 background: one message per shard, all layers and their gradients in it.  Steps that close
 within ``push_interval_s`` (default 50 ms) of the last message wait in an outbox (a list, under
 the loop's lock: a step costs the event loop nothing) and go pooled, exactly, in the next one,
-so a fast trainer sends at most 20 messages a second; 0 sends every step.  Layers read the
+so a fast trainer sends at most 20 messages a second; 0 sends as soon as the last message is
+answered.  Layers read the
 latest history of their layer (moments and gradient means) with ``history(name)``.  When the broker or an aggregator is
 away the loop logs once, the layers train on batch statistics and the last history they have,
 and it recovers by itself.  No wait anywhere is unbounded.
@@ -36,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import logging
 import os
 import threading
 import time
@@ -46,6 +48,7 @@ from psq.client import Rejected, StatsClient, Unavailable
 from psq.config import DEFAULT_FRONTEND
 from psq.counters import LoopCounters
 from psq.inflight import InFlight
+from psq.logs import Throttled
 from psq.loop_thread import LoopThread, run_threadsafe
 from psq.pushes import GradientSubmission, LayerHistory, Pushes, Submission
 from psq.security import ClientKeys
@@ -101,8 +104,10 @@ class WorkerLoop:
         # Closed steps wait here, under the lock, for the next message: one drain task at a time
         # sends them, at most one message per push interval, so a step costs the event loop nothing.
         self._outbox: list[ClosedStep[Submission, GradientSubmission]] = []
+        self._accepting = False  # between open and close: a step closed otherwise is dropped
         self._draining = False
-        self._sending = 0  # steps in the message on its way
+        self._sending = 0  # steps in the messages on their way
+        self._failures = Throttled(log)  # a push that raised (a bug): once a minute, not every message
         self._last_push_s = float("-inf")  # the event loop's clock
         self._hurry: asyncio.Event | None = None  # a flush: send what waits without the interval
         self._host = LoopThread(f"psq-{worker}")
@@ -147,6 +152,8 @@ class WorkerLoop:
     async def _open(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._hurry = asyncio.Event()
+        with self._lock:  # a loop started again starts with nothing queued
+            self._outbox, self._draining, self._sending, self._accepting = [], False, 0, True
         timeout_s = max(self.timeout_s, self.sync_timeout_s + 1.0) if self.mode == "sync" else self.timeout_s
         # The loop paces its own messages (see _drain): the client sends each push at once.
         self._pushes.client = StatsClient(
@@ -155,9 +162,11 @@ class WorkerLoop:
         await self._pushes.client.open()
 
     async def _close(self) -> None:
+        with self._lock:  # first, so no step starts a drain while the ones running are cancelled
+            self._accepting = False
         await self._in_flight.cancel()
         with self._lock:  # steps not yet sent are given up, as a push in flight is
-            self._outbox, self._draining = [], False
+            self._outbox, self._draining, self._sending = [], False, 0
         if self._pushes.client is not None:
             await self._pushes.client.close()
         self._pushes.client = None
@@ -206,7 +215,7 @@ class WorkerLoop:
         loop only when no drain is under way."""
         if closed is None or not closed.entries:
             return
-        if self._loop is None or self._pushes.client is None:
+        if not self._accepting or self._loop is None or self._pushes.client is None:
             return
         self._outbox.append(closed)
         if not self._draining:
@@ -214,8 +223,10 @@ class WorkerLoop:
             self._in_flight.hand_over(self._loop, self._drain())
 
     async def _drain(self) -> None:
-        """On the event loop: send the queued steps, pooled into one message, at most one message
-        per push interval (a flush sends at once); end when nothing is queued."""
+        """On the event loop: hand the queued steps, pooled into one message, to a push of their
+        own, at most one message per push interval (a flush sends at once); end when nothing is
+        queued.  Not waiting for the push's reply keeps each shard's messages independent: the
+        client merges what reaches a shard whose last request is still unanswered."""
         loop = asyncio.get_running_loop()
         try:
             while True:
@@ -228,29 +239,43 @@ class WorkerLoop:
                 await self._pace(loop)
                 with self._lock:
                     steps, self._outbox = self._outbox, []
-                    self._sending = len(steps)
+                    self._sending += len(steps)
+                    self._in_flight.hand_over(loop, self._push(steps))
                 self._last_push_s = loop.time()
-                await self._pushes.push(steps)
-                self._sending = 0
-        except BaseException:  # cancelled (closing), or a bug: the next step must start a drain
+        except BaseException:  # cancelled (closing): the next step must start a drain
             with self._lock:
-                self._draining, self._sending = False, 0
+                self._draining = False
             raise
+
+    async def _push(self, steps: list[ClosedStep[Submission, GradientSubmission]]) -> None:
+        try:
+            await self._pushes.push(steps)
+        except Exception as exc:  # a bug, or statistics the wire cannot carry: these steps are lost
+            self._failures.error(type(exc), "psq: %d steps could not be pushed: %r", len(steps), exc)
+        finally:
+            with self._lock:
+                self._sending = max(0, self._sending - len(steps))
 
     async def _pace(self, loop: asyncio.AbstractEventLoop) -> None:
         wait_s = self._last_push_s + self.push_interval_s - loop.time()
         hurry = self._hurry
-        if wait_s <= 0 or hurry is None:
+        if hurry is None:
             return
-        if not hurry.is_set():
-            with contextlib.suppress(TimeoutError):
+        if wait_s > 0 and not hurry.is_set():
+            # asyncio.TimeoutError: the built-in TimeoutError only from Python 3.11
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(hurry.wait(), wait_s)
         hurry.clear()
 
     def _send_now(self) -> None:
         """Have a drain waiting out the push interval send at once (any thread, lock held)."""
-        if self._loop is not None and self._hurry is not None and self._draining:
-            self._loop.call_soon_threadsafe(self._hurry.set)
+        if self._loop is not None and self._draining:
+            self._loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        # on the event loop: a drain that ended meanwhile must not leave the next one hurried
+        if self._hurry is not None and self._draining:
+            self._hurry.set()
 
     def history(self, name: str) -> LayerHistory | None:
         """The latest history of a layer (None before the first answer)."""
@@ -327,7 +352,7 @@ class WorkerLoop:
 
     def summary(self) -> dict[str, Any]:
         """The loop's counts (:class:`~psq.counters.LoopCounters`: steps, pushes answered,
-        unavailable or rejected, staleness), ``in_flight`` (steps pushed and not yet answered) and, while
+        unavailable or rejected, staleness), ``in_flight`` (steps closed and not yet answered or given up) and, while
         it runs, the client's ``stats``."""
         summary = self._counters.summary(self.current_step)
         with self._lock:
@@ -360,7 +385,7 @@ class WorkerLoop:
     def _forget_after_fork(self) -> None:
         # The child inherits copies of the parent's sockets and thread state: never touch them.
         self._loop = self._pushes.client = self._hurry = None
-        self._outbox, self._draining = [], False
+        self._outbox, self._draining, self._sending, self._accepting = [], False, 0, False
         self._host.forget()
         self._in_flight.forget()
 
@@ -372,6 +397,7 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return None
 
 
+log = logging.getLogger("psq.loop")
 _LOOPS: weakref.WeakSet[WorkerLoop] = weakref.WeakSet()
 
 

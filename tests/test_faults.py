@@ -46,7 +46,7 @@ def test_training_survives_killed_services_and_a_stopped_worker(cluster, spawn, 
             "--frontend",
             front,
             "--epochs",
-            "3",  # the faults take the first ~30 s; the rest shows training recovers
+            "10",  # about 36 s here (3.6 s an epoch): the faults take the first ~30 s, the rest shows recovery
             "--run-dir",
             str(tmp_path / "run"),
             "--job",
