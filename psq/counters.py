@@ -67,8 +67,9 @@ class Histogram:
 
 @dataclass
 class LoopCounters:
-    """A worker loop's counts: its pushes and what became of them, the gradient statistics it
-    left out, and how stale the histories its layers used were."""
+    """A worker loop's counts: its steps pushed and what became of them (steps, not messages:
+    steps that wait out the push interval share one), the gradient statistics it left out (one
+    per layer's backward in a step), and how stale the histories its layers used were."""
 
     pushes: int = 0
     answered: int = 0

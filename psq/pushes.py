@@ -82,13 +82,13 @@ class Pushes:
         self._refusals = Throttled(log)  # a refusal repeats every step it stays true
 
     async def push(self, steps: Sequence[ClosedStep[Submission, GradientSubmission]]) -> None:
-        """Push closed steps as one message per shard, once their device copies landed: each
-        layer's statistics pooled exactly over the steps, and its gradients that are finite."""
-        number = steps[-1].number
-        parts = [s for c in steps for s in c.entries.values()]
-        parts += [g for c in steps for gs in c.gradients.values() for g in gs]
-        if not await landed(parts, number):
+        """Push closed steps as one message per shard, those whose device copies landed in time:
+        each layer's statistics pooled exactly over them, and its gradients that are finite."""
+        deadline = time.monotonic() + LANDING_TIMEOUT_S
+        steps = [c for c in steps if await landed(_parts(c), c.number, deadline)]
+        if not steps:
             return
+        number = steps[-1].number
         stats, images = pooled_moments(steps)
         gradients: dict[str, list[GradientSubmission]] = {}
         for c in steps:
@@ -101,7 +101,7 @@ class Pushes:
         await self.send(number, stats, images, grads if gradients else None, what, refusal=None, steps=len(steps))
 
     async def exchange(self, name: str, number: int, stats: Submission) -> tuple[Moments, bool] | None:
-        if not await landed([stats], number):
+        if not await landed([stats], number, time.monotonic() + LANDING_TIMEOUT_S):
             return None
         images = {name: stats.images} if stats.images is not None else {}
         moments = {name: Moments(stats.count, stats.mean, stats.var)}
@@ -173,11 +173,10 @@ class Pushes:
             )
 
 
-async def landed(entries: list[Submission | GradientSubmission], number: int) -> bool:
+async def landed(entries: list[Submission | GradientSubmission], number: int, deadline: float) -> bool:
     """Wait for a step's device copies, polling (a CUDA event cannot be awaited) so the event
     loop stays free; False (the step is dropped, not pushed half-copied) if they have not landed
-    after ``LANDING_TIMEOUT_S``."""
-    deadline = time.monotonic() + LANDING_TIMEOUT_S
+    by ``deadline`` (``time.monotonic()``)."""
     for s in entries:
         while s.ready is not None and not s.ready():
             if time.monotonic() > deadline:
@@ -189,6 +188,10 @@ async def landed(entries: list[Submission | GradientSubmission], number: int) ->
                 return False
             await asyncio.sleep(POLL_S)
     return True
+
+
+def _parts(step: ClosedStep[Submission, GradientSubmission]) -> list[Submission | GradientSubmission]:
+    return [*step.entries.values(), *(g for gs in step.gradients.values() for g in gs)]
 
 
 def pooled_moments(

@@ -14,6 +14,7 @@ import pytest
 import zmq
 from conftest import wait_until
 
+from psq import pushes
 from psq.loop import DEFAULT_PUSH_INTERVAL_S, ForkedLoop, GradientSubmission, Submission, WorkerLoop
 from psq.stats import History, Moments, merge
 
@@ -117,6 +118,27 @@ def test_a_step_whose_gradients_are_not_finite_leaves_out_its_own_not_those_it_i
     assert summary["nonfinite_gradients"] == 1
     assert g.count == pytest.approx(16.0, rel=1e-6)
     np.testing.assert_allclose(g.dy, np.full(4, 2.0), rtol=1e-6)
+
+
+def test_a_step_whose_device_copies_never_land_is_dropped_and_the_steps_pooled_with_it_still_go(
+    cluster, monkeypatch, caplog
+):
+    monkeypatch.setattr(pushes, "LANDING_TIMEOUT_S", 0.3)  # a CUDA copy that never lands, given less time
+    c = cluster(1, "--half-life", "1e12")
+    with WorkerLoop(c.endpoints.frontend, job="job", worker="w0", push_interval_s=30.0) as loop:
+        assert loop.wait_ready(10)
+        loop.submit("a", submission(0))
+        loop.step()
+        assert loop.flush(10)
+        stuck = submission(1)
+        loop.submit("a", Submission(stuck.count, stuck.mean, stuck.var, ready=lambda: False))
+        loop.step()  # step 1: never lands
+        loop.submit("a", submission(2, count=5.0))
+        loop.step()  # step 2: pooled with step 1 in the flush's message
+        assert loop.flush(10)
+        h = loop.history("a")
+    assert h.version == 2 and h.moments.count == pytest.approx(8.0 + 5.0, rel=1e-4)
+    assert any("step 1's device copies did not land" in r.getMessage() for r in caplog.records)
 
 
 def test_the_loop_keeps_going_while_the_broker_is_away_and_recovers(cluster, spawn, caplog):

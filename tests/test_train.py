@@ -76,7 +76,8 @@ def test_honcho_start_runs_the_whole_job_and_ends_by_itself(ipc_dir, tmp_path):
     )
     assert out.returncode == 0, out.stdout[-3000:]
     assert re.search(r"test accuracy \(cluster statistics\): \d+\.\d+%", out.stdout)
-    assert re.search(r"statistics messages: \d+ pushed, \d+ answered, 0 unavailable", out.stdout)
+    pushed = re.search(r"statistics: (\d+) steps pushed in (\d+) messages, \d+ answered, 0 unavailable", out.stdout)
+    assert pushed and 0 < int(pushed[2]) <= int(pushed[1]), "steps share messages, never the other way round"
     summary = run_dir_files(run)
     assert summary["accuracy"] > 0.3 and summary["world"] == 2  # learning: chance is 10%
     assert (run / "aggregator-0.snap").exists()

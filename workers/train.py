@@ -287,13 +287,13 @@ def summary(result: RunResult, settings: TrainSettings) -> str:
     if loops:
         staleness = [r["mean_staleness_steps"] for r in loops if r["mean_staleness_steps"] is not None]
         msgs = {k: sum(r[k] for r in loops) for k in ("pushes", "answered", "unavailable", "rejected")}
-        errors = sum(r.get("client", {}).get("errors", 0) for r in loops)
+        client = {k: sum(r.get("client", {}).get(k, 0) for r in loops) for k in ("messages", "errors")}
         lines += [
             f"  mean staleness of the history used: {np.mean(staleness):.2f} steps"
             if staleness
             else "  mean staleness: no history was used",
-            f"  statistics messages: {msgs['pushes']} pushed, {msgs['answered']} answered, "
-            f"{msgs['unavailable']} unavailable, {msgs['rejected']} rejected, {errors} errors",
+            f"  statistics: {msgs['pushes']} steps pushed in {client['messages']} messages, {msgs['answered']} "
+            f"answered, {msgs['unavailable']} unavailable, {msgs['rejected']} rejected, {client['errors']} errors",
         ]
     lines.append(f"  weights (plain state dict): {result.weights}")
     return "\n".join(lines)
