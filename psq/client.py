@@ -186,8 +186,6 @@ class _Channel:
 
     pending: OrderedDict[bytes, _Pending] = field(default_factory=OrderedDict)
     known_layouts: set[bytes] = field(default_factory=set)  # sent in full to this shard already
-    last_sent: float = float("-inf")
-    held: asyncio.TimerHandle | None = None  # a send waiting for min_interval_s to pass
 
     def add(self, update: _Pending, waiter: asyncio.Future[Any], scratch: dict[bytes, Scratch]) -> bool:
         """Queue ``update``; True when it was merged into one already waiting with its layout."""
@@ -200,17 +198,14 @@ class _Channel:
         pending.waiters.append(waiter)
         return pending is not update
 
-    def take(self, now: float) -> tuple[_Pending, bool]:
+    def take(self) -> tuple[_Pending, bool]:
         """The oldest update, to send now, and whether its layout must go in full."""
-        self.last_sent = now
         _, pending = self.pending.popitem(last=False)
         in_full = pending.layout.id not in self.known_layouts
         self.known_layouts.add(pending.layout.id)
         return pending, in_full
 
     def close(self) -> None:
-        if self.held is not None:
-            self.held.cancel()
         for pending in self.pending.values():
             for waiter in pending.waiters:
                 waiter.cancel()  # a push still waiting reports Unavailable("closed")
@@ -228,13 +223,11 @@ class StatsClient:
         timeout_s: float = 1.0,
         retries: int = 2,
         backoff_s: float = 0.05,
-        min_interval_s: float = 0.0,
         max_message_bytes: int = protocol.DEFAULT_MAX_BYTES,
         keys: ClientKeys | None = None,
     ) -> None:
         self.frontend, self.job, self.worker = frontend, job, worker
         self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
-        self.min_interval_s = min_interval_s  # per shard, between sends: pushes meanwhile are merged
         self.max_message_bytes = max_message_bytes
         self.keys = keys  # CurveZMQ: this worker's key pair and the broker's public key
         self.session = int.from_bytes(os.urandom(8), "little")  # a restarted worker starts a new sequence
@@ -354,26 +347,17 @@ class StatsClient:
         return future
 
     def _send_next(self, shard: int, channel: _Channel) -> None:
-        if not channel.pending or self._wire().inflight(shard) is not None or channel.held is not None:
+        if not channel.pending or self._wire().inflight(shard) is not None:
             return
-        loop = self._running_loop()
-        wait_s = channel.last_sent + self.min_interval_s - loop.time()
-        if wait_s > 0:
-            channel.held = loop.call_later(wait_s, self._release, shard, channel)
-            return
-        pending, in_full = channel.take(loop.time())
+        pending, in_full = channel.take()
         self._seq += 1
         push = pending.to_push(self.job, self.worker, self.session, self._seq)
         frames = protocol.encode_push(push, shard, in_full)
         self._wire().send(Request(shard, self._seq, frames, pending.waiters, context=push))
 
-    def _release(self, shard: int, channel: _Channel) -> None:
-        channel.held = None
-        self._send_next(shard, channel)
-
     def _give_up_s(self) -> float:
         """Longest a push can take: its own request and the one ahead of it, every retry."""
-        return 2 * (self._wire().request_budget_s() + self.min_interval_s) + 1.0
+        return 2 * self._wire().request_budget_s() + 1.0
 
     async def _request_once(self, key: int, frames: list[Any]) -> Any:
         """A control request (HELLO) with the same retries as a push."""

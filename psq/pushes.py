@@ -225,7 +225,7 @@ def finite_gradients(
         if not _finite(pooled):  # the rare case: keep the parts that are finite
             kept = [m for m in means if _finite(m)]
             dropped += len(means) - len(kept)
-            log.debug("psq: step %d's gradient statistics of %s are not finite; not sent", number, name)
+            log.debug("psq: gradient statistics of %s in steps up to %d are not finite; not sent", name, number)
             if not kept:
                 continue
             pooled = pool_gradients(kept)

@@ -213,24 +213,6 @@ async def test_push_before_open_is_a_clear_error():
         await client.push(0, step_stats(0))
 
 
-async def test_a_minimum_interval_between_sends_merges_the_pushes_in_between(cluster):
-    c = cluster(1, "--half-life", "1e300")
-    rng = np.random.default_rng(4)
-    data = [rng.normal(size=(3, 4)) for _ in range(12)]
-    async with StatsClient(c.endpoints.frontend, job="job", worker="w0", min_interval_s=0.2) as client:
-        pushes = []
-        for i, x in enumerate(data):  # a push every 20 ms, in the background as a trainer makes them
-            pushes.append(asyncio.create_task(client.push(i, {"bn": Moments.of(x, 0)})))
-            await asyncio.sleep(0.02)
-        await asyncio.gather(*pushes)
-        sent = client.stats["messages"] - 1  # less the HELLO
-        final = await client.push(len(data), {"bn": Moments(0.0, np.zeros(4), np.zeros(4))})
-    assert sent < len(data) / 2  # about one send per 200 ms
-    want = Moments.of(np.concatenate(data), 0)
-    assert final["bn"].count == want.count  # every sample arrived
-    np.testing.assert_allclose(final["bn"].mean, want.mean, rtol=1e-10)
-
-
 async def test_malformed_replies_are_dropped_and_reported_not_trusted(ipc_dir):
     """A raw ROUTER posing as the broker welcomes the client, then answers its pushes with
     corrupt histories: the client refuses them, counts the errors and reports Unavailable."""

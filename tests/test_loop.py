@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import multiprocessing
 import signal
 import threading
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -75,15 +77,23 @@ def test_by_default_steps_faster_than_the_push_interval_share_a_message(cluster)
     assert sent <= 2 + elapsed_s / DEFAULT_PUSH_INTERVAL_S
 
 
+@contextlib.contextmanager
+def first_message_sent(frontend: str, dtype: str = "<f4") -> Iterator[WorkerLoop]:
+    """A loop with a 30 s push interval whose first message (layer "a", ``submission(0)``) went
+    at once and was answered: every step closed next waits, pooled, for a flush."""
+    with WorkerLoop(frontend, job="job", worker="w0", dtype=dtype, push_interval_s=30.0) as loop:
+        assert loop.wait_ready(10)
+        loop.submit("a", submission(0))
+        loop.step()
+        assert loop.flush(10)
+        yield loop
+
+
 def test_steps_waiting_out_the_interval_go_as_one_exact_update_and_a_flush_sends_them_at_once(cluster):
     c = cluster(1, "--half-life", "100")
     reference = History(100.0)
-    with WorkerLoop(c.endpoints.frontend, job="job", worker="w0", dtype="<f8", push_interval_s=30.0) as loop:
-        assert loop.wait_ready(10)
+    with first_message_sent(c.endpoints.frontend, dtype="<f8") as loop:
         first = submission(0)
-        loop.submit("a", first)
-        loop.step()  # the first message goes at once
-        assert loop.flush(10)
         reference.update(Moments(first.count, first.mean, first.var))
         waiting = [submission(1 + i, count=4.0 + i) for i in range(4)]
         for s in waiting:  # all within the 30 s interval: they wait, pooled, for the next message
@@ -104,11 +114,7 @@ def test_steps_waiting_out_the_interval_go_as_one_exact_update_and_a_flush_sends
 
 def test_a_step_whose_gradients_are_not_finite_leaves_out_its_own_not_those_it_is_pooled_with(cluster):
     c = cluster(1, "--half-life", "1e12")
-    with WorkerLoop(c.endpoints.frontend, job="job", worker="w0", push_interval_s=30.0) as loop:
-        assert loop.wait_ready(10)
-        loop.submit("a", submission(0))
-        loop.step()
-        assert loop.flush(10)
+    with first_message_sent(c.endpoints.frontend) as loop:
         for dy in (np.full(4, np.nan), np.ones(4), np.full(4, 3.0)):  # pooled into one message
             loop.submit("a", submission(1))
             loop.submit_gradient("a", GradientSubmission(8.0, dy, np.zeros(4)))
@@ -125,11 +131,7 @@ def test_a_step_whose_device_copies_never_land_is_dropped_and_the_steps_pooled_w
 ):
     monkeypatch.setattr(pushes, "LANDING_TIMEOUT_S", 0.3)  # a CUDA copy that never lands, given less time
     c = cluster(1, "--half-life", "1e12")
-    with WorkerLoop(c.endpoints.frontend, job="job", worker="w0", push_interval_s=30.0) as loop:
-        assert loop.wait_ready(10)
-        loop.submit("a", submission(0))
-        loop.step()
-        assert loop.flush(10)
+    with first_message_sent(c.endpoints.frontend) as loop:
         stuck = submission(1)
         loop.submit("a", Submission(stuck.count, stuck.mean, stuck.var, ready=lambda: False))
         loop.step()  # step 1: never lands

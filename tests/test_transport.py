@@ -116,10 +116,10 @@ def test_a_shard_channel_merges_per_layout_and_sends_each_layout_in_full_once():
             channel.add(pending(8.0, i, layout, step=i), waiter(), scratch) for i, layout in enumerate([ab, c, ab])
         ]
         assert merged == [False, False, True] and len(channel.pending[ab.id].waiters) == 2
-        taken = [channel.take(now=1.0), channel.take(now=2.0)]
+        taken = [channel.take(), channel.take()]
         channel.add(pending(8.0, 3, ab, step=7), waiter(), scratch)
-        taken.append(channel.take(now=3.0))
-        assert not channel.pending and channel.last_sent == 3.0
+        taken.append(channel.take())
+        assert not channel.pending
         return [(p.layout.names, p.step, in_full) for p, in_full in taken]
 
     assert asyncio.run(queue_and_take()) == [(("a", "b"), 2, True), (("c",), 1, True), (("a", "b"), 7, False)]
