@@ -26,9 +26,9 @@ from psq.config import AggregatorSettings, BrokerSettings, SettingsError, Status
 def _trainer_settings() -> dict[str, type]:
     """The trainer's and its benchmarks' settings (torch-free; registering the trainer's
     variables with the environment check)."""
-    from workers.settings import AccuracyBench, StepBench, TrainSettings
+    from workers.settings import AccuracyBench, EmulateBench, StepBench, TrainSettings
 
-    return {"worker": TrainSettings, "step": StepBench, "accuracy": AccuracyBench}
+    return {"worker": TrainSettings, "step": StepBench, "accuracy": AccuracyBench, "emulate": EmulateBench}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     benches = bench.add_subparsers(dest="bench", metavar="BENCH", required=True)
     for name, cls in BENCHES.items():
         config.add_arguments(benches.add_parser(name, help=cls.__doc__), cls)
-    for name in ("step", "accuracy"):
+    for name in ("step", "accuracy", "emulate"):
         config.add_arguments(benches.add_parser(name, help=trainer[name].__doc__), trainer[name])
     return parser
 
@@ -135,6 +135,12 @@ def _bench(name: str, s: Any) -> None:
             s.json,
             s.max_steps_per_epoch,
         )
+    elif name == "emulate":
+        from workers import emulation
+
+        variants = s.methods or (emulation.variant("sync"), emulation.variant("psq"))
+        seeds = tuple(range(s.first_seed, s.first_seed + s.seeds))
+        emulation.run(tuple(s.settings), seeds, s.epochs, variants, s.json, s.max_steps_per_epoch)
 
 
 def _until_signalled(serve: Callable[[Callable[[], bool]], None]) -> None:

@@ -61,3 +61,20 @@ def test_bench_layer_times_every_variant_beside_batchnorm():
     assert [row[:2] for row in result["rows"]] == [[s, f] for s in shapes for f in ("contiguous", "channels_last")]
     assert all(row[2] > 0 and row[3] > 0 and row[4] == row[3] / row[2] for row in result["rows"])
     assert all(v > 0 for row in result["rows"] for v in row[5:])
+
+
+def test_bench_emulate_prints_each_method_with_its_losses():
+    out = run_psq(
+        "bench", "emulate", "--settings", "a", "--seeds", "2", "--epochs", "1", "--max-steps-per-epoch", "4",
+        "--methods", "sync", "psq:sync_layers=1-2", "--json",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["columns"] == ["setting", "method", "test acc %", "per seed", "test loss", "train loss", "s/run"]
+    assert [row[1] for row in result["rows"]] == ["sync", "psq:sync_layers=1-2"]
+    assert all(len(row[3].split()) == 2 and row[6] > 0 for row in result["rows"])
+
+
+def test_bench_emulate_refuses_an_unknown_probe():
+    out = run_psq("bench", "emulate", "--methods", "psq:staleness=2")
+    assert out.returncode == 2 and "an emulated variant takes key=value pairs of" in out.stderr

@@ -31,6 +31,7 @@ import numpy as np
 from psq.bench.services import cluster
 from psq.bench.timing import emit
 from psq.config import SettingsError, non_negative_float, positive_float, unit_interval
+from psq.stats import GRADIENTS
 from workers import train
 from workers.settings import TrainSettings
 
@@ -68,14 +69,13 @@ class Method:
     half_life: float | None = None
 
 
-_VARIANT_KEYS = {
+VARIANT_KEYS = {
     "history_weight": unit_interval,
     "gradient_history_weight": unit_interval,
     "warmup_images": non_negative_float,
     "half_life": positive_float,
     "push_interval_s": non_negative_float,
 }
-_GRADIENTS = ("cluster", "renorm", "exact")
 
 
 def method(text: str) -> Method:
@@ -89,12 +89,12 @@ def method(text: str) -> Method:
     options: dict[str, Any] = {}
     for pair in text[4:].split(","):
         key, _, value = pair.partition("=")
-        if key == "gradient" and value in _GRADIENTS:
+        if key == "gradient" and value in GRADIENTS:
             options[key] = value
-        elif key in _VARIANT_KEYS:
-            options[key] = _VARIANT_KEYS[key](value)
+        elif key in VARIANT_KEYS:
+            options[key] = VARIANT_KEYS[key](value)
         else:
-            known = ", ".join([*_VARIANT_KEYS, "gradient"])
+            known = ", ".join([*VARIANT_KEYS, "gradient"])
             raise SettingsError(f"a psq variant takes key=value pairs of {known}; got {pair!r}")
     half_life = options.pop("half_life", None)
     return Method(text, "psq", tuple(sorted(options.items())), half_life)

@@ -113,6 +113,13 @@ def accuracy_method(text: str) -> Any:
     return method(text)
 
 
+def emulated_variant(text: str) -> Any:
+    """A method of the emulation (workers.emulation.variant, imported when used)."""
+    from workers.emulation import variant
+
+    return variant(text)
+
+
 @dataclass(frozen=True)
 class StepBench(Bench):
     """per-step time: plain BN, synchronized BN, psq (2 DDP workers)"""
@@ -144,3 +151,20 @@ class AccuracyBench(Bench):
         0, "cut every epoch short, for a quick sanity run (0: whole epochs)", non_negative_int
     )
     out: Path = setting(Path("runs/accuracy"), "folder for the table, JSON and PNG", Path)
+
+
+@dataclass(frozen=True)
+class EmulateBench(Bench):
+    """psq's method in one process (no network, deterministic): test accuracy and loss, train loss"""
+
+    settings: str = setting("e", "which of settings a-f", letters("abcdef"))
+    seeds: int = setting(3, "seeds per setting and method", positive_int)
+    first_seed: int = setting(0, "the first seed", non_negative_int)
+    epochs: int = setting(5, "epochs per run", positive_int)
+    methods: tuple[Any, ...] | None = setting(
+        None,
+        "sync, psq, or variants like psq:staleness_steps=1 psq:sync_layers=10-14 psq:partner=1 (none: sync psq)",
+        emulated_variant,
+        many=True,
+    )
+    max_steps_per_epoch: int = setting(0, "cut every epoch short (0: whole epochs)", non_negative_int)
