@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import selectors
+import socket
 import threading
 
 import numpy as np
@@ -12,7 +14,7 @@ import pytest
 
 from psq.counters import LoopCounters
 from psq.inflight import InFlight
-from psq.loop_thread import LoopThread, run_threadsafe
+from psq.loop_thread import MAX_SKIPPED_POLLS, FewReleasesSelector, LoopThread, run_threadsafe
 from psq.pushes import Submission, pooled_moments
 from psq.stats import Moments
 from psq.steps import ClosedStep, ExchangeSteps, StepBook
@@ -90,6 +92,55 @@ def test_the_loop_thread_opens_serves_closes_and_runs_coroutines_for_other_threa
     host.stop(timeout_s=5)
     assert events == [("open", "psq-test"), ("close", "psq-test")] and not host.running
     assert not [t for t in threading.enumerate() if t.name == "psq-test"]
+
+
+def test_the_selector_answers_some_zero_timeout_polls_itself_and_loses_no_event():
+    selector, (a, b) = FewReleasesSelector(), socket.socketpair()
+    try:
+        selector.register(a, selectors.EVENT_READ)
+        b.send(b"x")
+        for _ in range(MAX_SKIPPED_POLLS):
+            assert selector.select(0) == []  # "anything new?" answered without the call
+        ready = selector.select(0)  # then a real poll: the event was kept
+        assert [key.fileobj for key, _ in ready] == [a]
+        assert [key.fileobj for key, _ in selector.select(0.5)] == [a]  # a poll that may wait: never skipped
+        assert [key.fileobj for key, _ in selector.select(None)] == [a]
+    finally:
+        selector.close()
+        a.close()
+        b.close()
+
+
+def test_the_loop_thread_sees_io_while_callbacks_keep_it_busy():
+    """A loop whose callbacks are always ready (every poll a zero-timeout one) still reads a socket."""
+    host, (a, b) = LoopThread("psq-test-busy"), socket.socketpair()
+    a.setblocking(False)
+
+    async def nothing() -> None:
+        pass
+
+    async def read_while_busy() -> bytes:
+        loop, busy = asyncio.get_running_loop(), True
+
+        def spin() -> None:
+            if busy:
+                loop.call_soon(spin)
+
+        spin()
+        try:
+            return await asyncio.wait_for(loop.sock_recv(a, 1), timeout=5)
+        finally:
+            busy = False
+
+    host.start(nothing, nothing, timeout_s=5)
+    try:
+        assert host.loop is not None
+        b.send(b"y")
+        assert run_threadsafe(host.loop, read_while_busy(), timeout_s=10) == b"y"
+    finally:
+        host.stop(timeout_s=5)
+        a.close()
+        b.close()
 
 
 def test_an_error_while_opening_is_raised_on_the_callers_thread():
