@@ -122,19 +122,36 @@ def run_threadsafe(loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, An
 
 def _run(main: Coroutine[Any, Any, None]) -> None:
     """``asyncio.run(main)`` on a loop with a :class:`FewReleasesSelector` (``asyncio.run``
-    takes no loop before Python 3.12): the same shutdown of what is left on it."""
+    takes no loop before Python 3.12), shutting down as it does: what is left cancelled and
+    awaited, their errors reported, async generators and the default executor closed."""
     loop = asyncio.SelectorEventLoop(FewReleasesSelector())
     try:
         asyncio.set_event_loop(loop)
         loop.run_until_complete(main)
     finally:
         try:
-            tasks = asyncio.all_tasks(loop)
-            for task in tasks:
-                task.cancel()
-            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            _cancel_all_tasks(loop)
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.run_until_complete(loop.shutdown_default_executor())
         finally:
             asyncio.set_event_loop(None)
             loop.close()
+
+
+def _cancel_all_tasks(loop: asyncio.AbstractEventLoop) -> None:
+    """As ``asyncio.run`` ends: cancel every task left, wait for them, report their errors."""
+    tasks = asyncio.all_tasks(loop)
+    if not tasks:
+        return
+    for task in tasks:
+        task.cancel()
+    loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+    for task in tasks:
+        if not task.cancelled() and task.exception() is not None:
+            loop.call_exception_handler(
+                {
+                    "message": "an exception while the WorkerLoop thread closed",
+                    "exception": task.exception(),
+                    "task": task,
+                }
+            )

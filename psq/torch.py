@@ -26,7 +26,7 @@ from __future__ import annotations
 import inspect
 import weakref
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -208,15 +208,7 @@ class PSBatchNorm(_BatchNorm):
         return BlendedNorm.apply(x, self.weight, self.bias, blend, self.eps, self.gradient, self.gradient_sink())
 
     def _blend_with(self, h: _DeviceHistory, count: float) -> Blend:
-        """The shares of a history, capped by the (warmed-up) history weights."""
-        weight = warmed_up(self.history_weight, h.seen, self.warmup_images)
-        # one value per channel has no variance of its own: the history alone normalizes it
-        share = float(blend_weight(h.count, count, weight)) if count > 1 else 1.0
-        if not (h.gradient_count > 0 and self.gradient == "cluster"):
-            return Blend(share, h.mean, h.var)
-        gradient_weight = warmed_up(self.gradient_history_weight, h.seen, self.warmup_images)
-        gradient_share = float(blend_weight(h.gradient_count, count, gradient_weight))
-        return Blend(share, h.mean, h.var, gradient_share, h.dy, h.dy_xhat)
+        return history_blend(self, h, count)
 
     @property
     def device_history(self) -> _DeviceHistory | None:
@@ -324,6 +316,40 @@ def _sync_forward(layer: PSBatchNorm, x: torch.Tensor, count: float, apply: Appl
     y, _, _ = apply(x, Blend(share, torch.tensor(others.mean, **to), torch.tensor(others.var, **to)))
     layer._momentum_update(torch.tensor(pooled.mean, **to), torch.tensor(pooled.var, **to), float(pooled.count))
     return y
+
+
+class BlendPolicy(Protocol):
+    """A layer's settings for how much history to blend (PSBatchNorm's)."""
+
+    history_weight: float
+    gradient_history_weight: float
+    warmup_images: float
+    gradient: str
+
+
+class HistoryView(Protocol):
+    """A layer's history as a step blends with it: its tensors, counts and the job's clock."""
+
+    mean: torch.Tensor
+    var: torch.Tensor  # biased
+    dy: torch.Tensor
+    dy_xhat: torch.Tensor
+    count: float
+    gradient_count: float
+    seen: float
+
+
+def history_blend(policy: BlendPolicy, h: HistoryView, count: float) -> Blend:
+    """What a step of ``count`` elements per channel blends with: the shares of ``h``, capped by
+    the (warmed-up) history weights."""
+    weight = warmed_up(policy.history_weight, h.seen, policy.warmup_images)
+    # one value per channel has no variance of its own: the history alone normalizes it
+    share = float(blend_weight(h.count, count, weight)) if count > 1 else 1.0
+    if not (h.gradient_count > 0 and policy.gradient == "cluster"):
+        return Blend(share, h.mean, h.var)
+    gradient_weight = warmed_up(policy.gradient_history_weight, h.seen, policy.warmup_images)
+    gradient_share = float(blend_weight(h.gradient_count, count, gradient_weight))
+    return Blend(share, h.mean, h.var, gradient_share, h.dy, h.dy_xhat)
 
 
 class _DeviceHistory:

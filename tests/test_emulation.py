@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from psq.config import SettingsError
+from psq.stats import Moments
 from workers import emulation, train
 from workers.settings import TrainSettings
 
@@ -23,8 +24,8 @@ from workers.settings import TrainSettings
         ("psq:sync_layers=10-14", "sync_layers", frozenset(range(10, 15))),
         ("psq:sync_layers=0;3-4", "sync_layers", frozenset({0, 3, 4})),
         ("psq:partner=1", "partner", True),
-        ("psq:history_weight=0.5,gradient_history_weight=0.8", "gradient_weight", 0.8),
-        ("psq:history_weight=0.5", "gradient_weight", 0.5),
+        ("psq:history_weight=0.5,gradient_history_weight=0.8", "gradient_history_weight", 0.8),
+        ("psq:history_weight=0.5", "gradient_history_weight", 0.5),
         ("psq:gradient=exact", "gradient", "exact"),
     ],
 )
@@ -58,14 +59,13 @@ def test_partner_needs_two_workers():
 def test_the_shared_history_is_the_images_decayed_pooled_moments_of_every_batch():
     rng = np.random.default_rng(0)
     half_life, channels = 3.0, 4
-    batches = [
-        (float(images), rng.normal(k, 1 + k, (int(images) * 16, channels))) for k, images in enumerate((1, 2, 1, 3))
-    ]
+    sizes = (1, 2, 1, 3)
+    batches = [(float(n), rng.normal(k, 1 + k, (n * 16, channels))) for k, n in enumerate(sizes)]
     h = emulation.SharedHistory(channels, half_life)
     for images, x in batches:
-        h.add_moments(images, float(len(x)), x.mean(0), x.var(0))
+        h.update(images, Moments(float(len(x)), x.mean(0), x.var(0)), None)
     # independent: every element weighs 2^(-images sent after its batch / half-life)
-    after = np.cumsum([i for i, _ in batches][::-1])[::-1] - [i for i, _ in batches]
+    after = np.cumsum(sizes[::-1])[::-1] - np.array(sizes)
     w = np.concatenate([np.full(len(x), 2.0 ** (-a / half_life)) for a, (_, x) in zip(after, batches)])
     data = np.concatenate([x for _, x in batches])
     mean = (w[:, None] * data).sum(0) / w.sum()
@@ -76,22 +76,38 @@ def test_the_shared_history_is_the_images_decayed_pooled_moments_of_every_batch(
     assert h.seen == 7.0
 
 
-def test_gradient_means_age_with_the_moments_images():
-    h = emulation.SharedHistory(2, 1.0)
-    h.add_gradients(10.0, np.array([1.0, 2.0]), np.array([0.0, 0.0]))
-    h.add_moments(1.0, 10.0, np.zeros(2), np.ones(2))  # one image: the gradients' count halves
-    h.add_gradients(5.0, np.array([3.0, 4.0]), np.array([1.0, 1.0]))
+def test_gradient_means_age_with_every_pushs_images():
+    h, nothing = emulation.SharedHistory(2, 1.0), Moments(10.0, np.zeros(2), np.ones(2))
+    h.update(1.0, nothing, (10.0, np.array([1.0, 2.0]), np.zeros(2)))
+    h.update(1.0, nothing, None)  # a forward without a backward: the gradients' count halves all the same
+    h.update(0.0, nothing, (5.0, np.array([3.0, 4.0]), np.ones(2)))
     np.testing.assert_allclose(h.gradients.dy, [2.0, 3.0])  # (5*1 + 5*3)/10, (5*2 + 5*4)/10
     np.testing.assert_allclose(h.gradients.dy_xhat, [0.5, 0.5])
+    assert h.gradients.counts[0] == pytest.approx(10.0)
+
+
+class _Recording:
+    def __init__(self) -> None:
+        self.steps: list[float] = []
+
+    def update(self, images: float, moments: Moments, gradients: object) -> None:
+        self.steps.append(images)
 
 
 @pytest.mark.parametrize("staleness", [1, 3])
 def test_a_step_normalizes_with_the_steps_up_to_staleness_before_it(staleness):
-    clock, applied = emulation.Clock(staleness), []
+    clock, history = emulation.Clock(staleness), _Recording()
     for step in range(6):
         clock.next_step()  # a step's first layer: what the history holds now is what it blends with
-        assert applied == list(range(step - staleness + 1))
-        clock.current.append(lambda step=step: applied.append(step))
+        assert history.steps == list(range(step - staleness + 1))
+        clock.current.append((history, emulation.Push(float(step), Moments(1.0, 0.0, 0.0))))
+    clock.flush()  # before evaluating: every push answered
+    assert history.steps == list(range(6))
+
+
+def test_a_clock_needs_a_staleness_of_a_step_at_least():
+    with pytest.raises(ValueError, match="at least 1 step, got 0"):
+        emulation.Clock(0)
 
 
 def test_sync_trains_exactly_as_the_trainers_one_process_reference(tmp_path: Path):
@@ -107,15 +123,45 @@ def test_sync_trains_exactly_as_the_trainers_one_process_reference(tmp_path: Pat
         assert torch.equal(p, weights[name]), name
 
 
-def test_psq_at_history_weight_zero_is_per_worker_batch_norm():
+@pytest.mark.parametrize("weight", [0.0, 0.9])
+def test_with_a_history_only_history_weight_zero_is_per_worker_batch_norm(weight):
     torch.manual_seed(0)
     bn = torch.nn.BatchNorm2d(3).double()
-    v = emulation.variant("psq:history_weight=0")
-    layer = emulation.EmulatedNorm(bn, 1, v, 2, emulation.Clock(0))
-    x = torch.randn(4, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    layer = emulation.EmulatedNorm(bn, 1, emulation.variant(f"psq:history_weight={weight}"), 2, emulation.Clock(1))
+    layer.history.update(4096.0, Moments(1e6, np.full(3, 5.0), np.full(3, 9.0)), None)  # far from the batch's
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
     y = layer(x)
     expected = torch.cat([torch.nn.functional.batch_norm(c, None, None, bn.weight, bn.bias, True) for c in x.chunk(2)])
-    torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10)
+    if weight == 0:
+        torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10)
+    else:  # the history is blended in: far from each chunk's own
+        assert (y - expected).abs().max() > 0.5
+
+
+def test_an_emulated_layer_blends_as_psbatchnorm_does():
+    """The shares come from PSBatchNorm's own policy (psq.torch.history_blend)."""
+    v = emulation.variant("psq:warmup_images=0")
+    layer = emulation.EmulatedNorm(torch.nn.BatchNorm2d(3), 0, v, 1, emulation.Clock(1))
+    layer.history.update(1.0, Moments(900.0, np.zeros(3), np.ones(3)), (900.0, np.ones(3), np.zeros(3)))
+    blend = layer._blend(0, torch.zeros(1, 3, 10, 10), 100.0, None)
+    assert blend.share == pytest.approx(0.9) and blend.gradient_share == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("psq:history_weight=0,gradient_history_weight=0.5", "a gradient history needs history_weight > 0"),
+        ("psq:partner=1,previous_weight=0.5", "two partners"),
+    ],
+)
+def test_variants_psq_or_the_emulation_cannot_run_are_refused(text, says):
+    with pytest.raises(SettingsError, match=says):
+        emulation.variant(text)
+
+
+def test_sync_layers_beyond_the_model_are_refused():
+    with pytest.raises(SettingsError, match=r"sync_layers \[3, 4\] are beyond the model's 3 batch-norm layers"):
+        emulation.one_run("a", emulation.variant("psq:sync_layers=2-4"), 0, 1, max_steps_per_epoch=1)
 
 
 def test_a_run_reports_accuracy_and_both_losses_per_epoch():

@@ -127,6 +127,7 @@ def test_the_loop_thread_sees_io_while_callbacks_keep_it_busy():
                 loop.call_soon(spin)
 
         spin()
+        loop.call_later(0.05, b.send, b"y")  # after sock_recv found nothing and waits on the selector
         try:
             return await asyncio.wait_for(loop.sock_recv(a, 1), timeout=5)
         finally:
@@ -135,7 +136,6 @@ def test_the_loop_thread_sees_io_while_callbacks_keep_it_busy():
     host.start(nothing, nothing, timeout_s=5)
     try:
         assert host.loop is not None
-        b.send(b"y")
         assert run_threadsafe(host.loop, read_while_busy(), timeout_s=10) == b"y"
     finally:
         host.stop(timeout_s=5)

@@ -30,7 +30,7 @@ import numpy as np
 
 from psq.bench.services import cluster
 from psq.bench.timing import emit
-from psq.config import SettingsError, non_negative_float, positive_float, unit_interval
+from psq.config import SettingsError, choice, non_negative_float, positive_float, unit_interval
 from psq.stats import GRADIENTS
 from workers import train
 from workers.settings import TrainSettings
@@ -75,6 +75,7 @@ VARIANT_KEYS = {
     "warmup_images": non_negative_float,
     "half_life": positive_float,
     "push_interval_s": non_negative_float,
+    "gradient": choice(*GRADIENTS),
 }
 
 
@@ -89,13 +90,9 @@ def method(text: str) -> Method:
     options: dict[str, Any] = {}
     for pair in text[4:].split(","):
         key, _, value = pair.partition("=")
-        if key == "gradient" and value in GRADIENTS:
-            options[key] = value
-        elif key in VARIANT_KEYS:
-            options[key] = VARIANT_KEYS[key](value)
-        else:
-            known = ", ".join([*VARIANT_KEYS, "gradient"])
-            raise SettingsError(f"a psq variant takes key=value pairs of {known}; got {pair!r}")
+        if key not in VARIANT_KEYS:
+            raise SettingsError(f"a psq variant takes key=value pairs of {', '.join(VARIANT_KEYS)}; got {pair!r}")
+        options[key] = VARIANT_KEYS[key](value)
     half_life = options.pop("half_life", None)
     return Method(text, "psq", tuple(sorted(options.items())), half_life)
 

@@ -15,9 +15,11 @@ variants and four probes of the emulation's own:
 
 * ``staleness_steps``: how many steps old the history is, as the loop reports it (1: the freshest);
 * ``sync_layers``: layers, by index in the forward's order, normalized as ``sync`` instead
-  (``10-14``; several ranges joined by ``;``);
+  (``10-14``; several ranges joined by ``;``: ``0;3-4``);
 * ``partner=1``: blend half and half with the *other* worker's batch of the same step, held
-  constant: synchronized BN's forward without its backward;
+  constant: synchronized BN's forward without its backward through the partner's batch (with
+  ``gradient=exact``, the exact derivative of that forward; with the default ``cluster``, the
+  history's gradient means as for psq's own blend);
 * ``previous_weight``: blend that share of the worker's own previous batch into the history (a
   stale partner, which a worker could do alone).
 """
@@ -25,10 +27,9 @@ variants and four probes of the emulation's own:
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -39,54 +40,50 @@ from psq.bench.timing import emit
 from psq.config import (
     DEFAULT_HALF_LIFE_IMAGES,
     SettingsError,
-    choice,
     non_negative_int,
     positive_int,
     unit_interval,
 )
 from psq.kernels import Blend, BlendedNorm, batch_stats
 from psq.stats import (
-    GRADIENTS,
     LayerGradients,
     LayerMoments,
     Moments,
     Scratch,
     accumulate_into,
     accumulate_means_into,
-    blend_weight,
     decay,
+    mix,
     unbiased_var,
-    warmed_up,
 )
-from psq.torch import DEFAULT_HISTORY_WEIGHT, DEFAULT_WARMUP_IMAGES
+from psq.torch import DEFAULT_HISTORY_WEIGHT, DEFAULT_WARMUP_IMAGES, check_options, history_blend
 from workers.accuracy_bench import SETTINGS, VARIANT_KEYS
-from workers.data import digits, epoch_batches, shards
+from workers.data import Digits, digits
 from workers.models import MODELS
+from workers.settings import TrainSettings
+from workers.train import Schedule
 
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """One emulated method: ``sync``, or psq's options and the emulation's probes."""
+    """One emulated method: ``sync``, or psq's options (checked as ``convert_batchnorm`` checks
+    them) and the emulation's probes."""
 
     name: str
     sync: bool = False
     history_weight: float = DEFAULT_HISTORY_WEIGHT
-    gradient_history_weight: float | None = None  # None: the history weight
+    gradient_history_weight: float = DEFAULT_HISTORY_WEIGHT
     warmup_images: float = DEFAULT_WARMUP_IMAGES
-    half_life: float = DEFAULT_HALF_LIFE_IMAGES
     gradient: str = "cluster"
+    half_life: float = DEFAULT_HALF_LIFE_IMAGES
     staleness_steps: int = 3  # about what the real (e) runs report (mean staleness 3.1-3.6 steps)
     sync_layers: frozenset[int] = frozenset()
     partner: bool = False
     previous_weight: float = 0.0
 
-    @property
-    def gradient_weight(self) -> float:
-        return self.history_weight if self.gradient_history_weight is None else self.gradient_history_weight
-
 
 def _layers(text: str) -> frozenset[int]:
-    """``3``, ``10-14`` or ``0,2,5-7``: layer indices."""
+    """``3``, ``10-14`` or ``0;2;5-7``: layer indices."""
     out: set[int] = set()
     for part in text.split(";"):
         first, _, last = part.partition("-")
@@ -106,12 +103,12 @@ def _flag01(text: str) -> bool:
 
 _KEYS: dict[str, Callable[[str], Any]] = {
     **{k: parse for k, parse in VARIANT_KEYS.items() if k != "push_interval_s"},  # no loop here
-    "gradient": choice(*GRADIENTS),
     "staleness_steps": positive_int,
     "sync_layers": _layers,
     "partner": _flag01,
     "previous_weight": unit_interval,
 }
+_PSQ_OPTIONS = ("history_weight", "gradient_history_weight", "warmup_images", "gradient")
 
 
 def variant(text: str) -> Variant:
@@ -122,17 +119,26 @@ def variant(text: str) -> Variant:
         return Variant(text)
     if not text.startswith("psq:"):
         raise SettingsError(f"expected sync, psq or psq:key=value,..., got {text!r}")
-    options = {}
+    options: dict[str, Any] = {}
     for pair in text[4:].split(","):
         key, _, value = pair.partition("=")
         if key not in _KEYS:
             raise SettingsError(f"an emulated variant takes key=value pairs of {', '.join(_KEYS)}; got {pair!r}")
         options[key] = _KEYS[key](value)
+    if options.get("partner") and options.get("previous_weight"):
+        raise SettingsError("partner=1 and previous_weight are two partners: choose one")
+    layer = {k: options[k] for k in _PSQ_OPTIONS if k in options}
+    try:
+        check_options(layer)
+    except ValueError as exc:
+        raise SettingsError(f"{text}: {exc}") from None
+    options.setdefault("gradient_history_weight", options.get("history_weight", DEFAULT_HISTORY_WEIGHT))
     return Variant(text, **options)
 
 
 class SharedHistory:
-    """The aggregator's history of one layer, updated with its formulas."""
+    """The aggregator's history of one layer, updated as ``Store.update`` updates it: each push
+    ages the moments and the gradient means by its images, then merges into both."""
 
     def __init__(self, channels: int, half_life: float) -> None:
         self.half_life = half_life
@@ -142,33 +148,72 @@ class SharedHistory:
         self.seen = 0.0
         self._scratch = Scratch(channels)
 
-    def add_moments(self, images: float, count: float, mean: np.ndarray, var: np.ndarray) -> None:
+    def update(self, images: float, moments: Moments, gradients: tuple[float, Any, Any] | None) -> None:
         kept = decay(np.array([images]), self.half_life)
-        self.gradients.counts[:] *= kept  # the same stream of images ages the gradient history
-        accumulate_into(self.moments, LayerMoments(np.array([count]), mean, var), self.widths, self._scratch, kept)
+        batch = LayerMoments(np.array([moments.count]), moments.mean, moments.var)
+        accumulate_into(self.moments, batch, self.widths, self._scratch, kept)
+        if gradients is None:  # a forward without a backward: its images age the gradient history all the same
+            self.gradients.counts[:] *= kept
+        else:
+            count, dy, dy_xhat = gradients
+            arriving = LayerGradients(np.array([count]), dy, dy_xhat)
+            accumulate_means_into(self.gradients, arriving, self.widths, self._scratch, kept)
         self.seen += images
 
-    def add_gradients(self, count: float, dy: np.ndarray, dy_xhat: np.ndarray) -> None:
-        arriving = LayerGradients(np.array([count]), dy, dy_xhat)
-        accumulate_means_into(self.gradients, arriving, self.widths, self._scratch)
+
+class Push:
+    """One worker's statistics of one layer and step, as its message would carry them: the
+    forward's moments, then the backward's gradient means."""
+
+    def __init__(self, images: float, moments: Moments) -> None:
+        self.images, self.moments = images, moments
+        self.gradients: tuple[float, Any, Any] | None = None
+
+    def sink(self, count: float, dy: torch.Tensor, dy_xhat: torch.Tensor) -> None:
+        self.gradients = (count, dy.double().numpy().copy(), dy_xhat.double().numpy().copy())
 
 
 class Clock:
-    """Steps, and the history updates each step queued: step ``k`` normalizes with a history
-    that holds steps up to ``k − staleness`` (the staleness as the loop reports it: 1 is the
-    freshest a real push can bring back)."""
+    """Steps, and the pushes each step made: step ``k`` normalizes with a history that holds steps
+    up to ``k − staleness`` (the staleness as the loop reports it: 1 is the freshest a real push
+    can bring back)."""
 
     def __init__(self, staleness: int) -> None:
+        if staleness < 1:
+            raise ValueError(f"staleness must be at least 1 step, got {staleness!r}")
         self.staleness = staleness
-        self._queued: list[list[Callable[[], None]]] = []
-        self.current: list[Callable[[], None]] = []
+        self._queued: list[list[tuple[SharedHistory, Push]]] = []
+        self.current: list[tuple[SharedHistory, Push]] = []
 
     def next_step(self) -> None:
         self._queued.append(self.current)
         self.current = []
         while len(self._queued) >= self.staleness:
-            for update in self._queued.pop(0):
-                update()
+            self._apply(self._queued.pop(0))
+
+    def flush(self) -> None:
+        """Every push answered, as the trainer's ``loop.flush`` before it evaluates."""
+        self._queued.append(self.current)
+        self.current = []
+        while self._queued:
+            self._apply(self._queued.pop(0))
+
+    @staticmethod
+    def _apply(pushes: list[tuple[SharedHistory, Push]]) -> None:
+        for history, push in pushes:
+            history.update(push.images, push.moments, push.gradients)
+
+
+class _Held(NamedTuple):
+    """A history as a step blends with it (:class:`psq.torch.HistoryView`), as tensors."""
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    dy: torch.Tensor
+    dy_xhat: torch.Tensor
+    count: float
+    gradient_count: float
+    seen: float
 
 
 class EmulatedNorm(nn.Module):
@@ -176,7 +221,7 @@ class EmulatedNorm(nn.Module):
 
     def __init__(self, bn: nn.BatchNorm2d, index: int, v: Variant, workers: int, clock: Clock) -> None:
         super().__init__()
-        self.weight, self.bias, self.eps = bn.weight, bn.bias, bn.eps
+        self.weight, self.bias, self.eps, self.momentum = bn.weight, bn.bias, bn.eps, bn.momentum
         self.index, self.v, self.workers, self.clock = index, v, workers, clock
         self.sync = v.sync or index in v.sync_layers
         self.history = SharedHistory(bn.num_features, v.half_life)
@@ -187,73 +232,64 @@ class EmulatedNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.index == 0:
             self.clock.next_step()
-        if self.sync:
+        if self.sync:  # batch norm on the union batch
             return F.batch_norm(
-                x, self.running_mean, self.running_var, self.weight, self.bias, self.training, 0.1, self.eps
+                x, self.running_mean, self.running_var, self.weight, self.bias, self.training, self.momentum, self.eps
             )
         h = self.history.moments
         if not self.training:  # the cluster's history, as PSBatchNorm's buffers hold it
-            n = float(h.counts[0])
-            if n == 0:
-                return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
-            var = unbiased_var(Moments(n, h.mean, h.var))
+            if h.counts[0] == 0:  # none yet: the buffers the steps before it kept, as PSBatchNorm
+                return F.batch_norm(
+                    x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+                )
+            var = unbiased_var(Moments(float(h.counts[0]), h.mean, h.var))
             return F.batch_norm(x, _t(h.mean, x), _t(var, x), self.weight, self.bias, False, 0.0, self.eps)
         chunks = x.chunk(self.workers)
         current = [batch_stats(c.detach()) for c in chunks] if self.v.partner else None
-        out = [self._worker(i, c, current) for i, c in enumerate(chunks)]
-        return torch.cat(out)
+        return torch.cat([self._worker(i, c, current) for i, c in enumerate(chunks)])
 
     def _worker(self, i: int, x: torch.Tensor, current: list[Any] | None) -> torch.Tensor:
-        count, images = float(x.numel() // x.size(1)), float(x.size(0))
+        count = float(x.numel() // x.size(1))
         blend = self._blend(i, x, count, current)
-        sink = self._sink()
+        moments = Moments(count, np.empty(0), np.empty(0))
+        push = Push(float(x.size(0)), moments)
+        sink = push.sink if self.v.gradient == "cluster" else None
         y, mean_b, var_b = BlendedNorm.apply(x, self.weight, self.bias, blend, self.eps, self.v.gradient, sink)
-        mean, var = mean_b.double().numpy(), var_b.double().numpy()
-        self.previous[i] = (mean, var)
-        self.clock.current.append(lambda: self.history.add_moments(images, count, mean, var))
+        push.moments = Moments(count, mean_b.double().numpy(), var_b.double().numpy())
+        self.previous[i] = (push.moments.mean, push.moments.var)
+        self._queue([push])
+        if self.history.moments.counts[0] == 0:  # no cluster statistics: running ones, as nn.BatchNorm
+            n = count / max(count - 1.0, 1.0)
+            self.running_mean.lerp_(mean_b.detach(), self.momentum)
+            self.running_var.lerp_(var_b.detach() * n, self.momentum)
         return y
+
+    def _queue(self, pushes: list[Push]) -> None:
+        self.clock.current.extend((self.history, p) for p in pushes)
 
     def _blend(self, i: int, x: torch.Tensor, count: float, current: list[Any] | None) -> Blend:
         h, g = self.history.moments, self.history.gradients
-        n_h = float(h.counts[0])
-        if n_h == 0 or self.v.history_weight == 0:
+        if h.counts[0] == 0:  # no history yet: plain batch norm, as PSBatchNorm
             return Blend()
-        share = float(
-            blend_weight(n_h, count, warmed_up(self.v.history_weight, self.history.seen, self.v.warmup_images))
-        )
-        mean, var = h.mean, h.var
+        held = _Held(
+            _t(h.mean, x), _t(h.var, x), _t(g.dy, x), _t(g.dy_xhat, x),
+            float(h.counts[0]), float(g.counts[0]), self.history.seen,
+        )  # fmt: skip
+        blend = history_blend(self.v, held, count)
         if current is not None:  # the other worker's batch of this very step, half and half
-            mean, var, share = current[1 - i][0].double().numpy(), current[1 - i][1].double().numpy(), 0.5
-        elif self.v.previous_weight and self.previous[i] is not None:
-            mean, var = _mixed(mean, var, *self.previous[i], self.v.previous_weight)
-        n_g = float(g.counts[0])
-        gshare = 0.0
-        if n_g > 0 and self.v.gradient == "cluster":
-            gw = warmed_up(self.v.gradient_weight, self.history.seen, self.v.warmup_images)
-            gshare = float(blend_weight(n_g, count, gw))
-        return Blend(share, _t(mean, x), _t(var, x), gshare, _t(g.dy, x), _t(g.dy_xhat, x))
-
-    def _sink(self) -> Callable[[float, torch.Tensor, torch.Tensor], None] | None:
-        if self.v.gradient != "cluster":
-            return None
-
-        def sink(count: float, dy: torch.Tensor, dy_xhat: torch.Tensor) -> None:
-            a, b = dy.double().numpy().copy(), dy_xhat.double().numpy().copy()
-            self.clock.current.append(lambda: self.history.add_gradients(count, a, b))
-
-        return sink
+            mean, var = current[1 - i]
+            return blend._replace(share=0.5, mean=mean, var=var)
+        if self.v.previous_weight and self.previous[i] is not None:
+            mean, var = mix(1.0 - self.v.previous_weight, h.mean, h.var, *self.previous[i])
+            return blend._replace(mean=_t(mean, x), var=_t(var, x))
+        return blend
 
 
 def _t(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a)).to(like.dtype)
 
 
-def _mixed(mean: np.ndarray, var: np.ndarray, mean_b: np.ndarray, var_b: np.ndarray, w: float) -> Any:
-    d = mean_b - mean
-    return mean + w * d, var + w * (var_b - var) + w * (1 - w) * d * d
-
-
-def convert(model: nn.Module, v: Variant, workers: int) -> nn.Module:
+def convert(model: nn.Module, v: Variant, workers: int) -> tuple[nn.Module, Clock]:
     """Every BatchNorm2d of ``model`` as an :class:`EmulatedNorm`, numbered in the forward's order."""
     clock, index = Clock(v.staleness_steps), [0]
 
@@ -266,11 +302,16 @@ def convert(model: nn.Module, v: Variant, workers: int) -> nn.Module:
                 walk(child)
 
     walk(model)
-    return model
+    beyond = sorted(i for i in v.sync_layers if i >= index[0])
+    if beyond:
+        raise SettingsError(
+            f"sync_layers {beyond} are beyond the model's {index[0]} batch-norm layers (0-{index[0] - 1})"
+        )
+    return model, clock
 
 
 def one_run(setting: str, v: Variant, seed: int, epochs: int, max_steps_per_epoch: int = 0) -> dict[str, Any]:
-    """Train one emulated run as the trainer does (the same shards, order, schedule, optimizer)."""
+    """Train one emulated run as the trainer's one-process reference does (:class:`workers.train.Schedule`)."""
     s = SETTINGS[setting]
     if v.partner and s.workers != 2:
         raise SettingsError(
@@ -278,38 +319,42 @@ def one_run(setting: str, v: Variant, seed: int, epochs: int, max_steps_per_epoc
         )
     torch.set_num_threads(1)
     torch.manual_seed(seed)
-    model = convert(MODELS[s.model](), v, s.workers)
+    model, clock = convert(MODELS[s.model](), v, s.workers)
     data = digits()
-    mine = [shards(data.train_y.numpy(), s.workers, s.sharding, seed)[r] for r in range(s.workers)]
-    per_epoch = len(mine[0]) // s.batch
-    if max_steps_per_epoch:
-        per_epoch = min(per_epoch, max_steps_per_epoch)
-    total = per_epoch * epochs
-    opt = torch.optim.SGD(model.parameters(), lr=0.1 * s.workers * s.batch / 64, momentum=0.9, weight_decay=5e-4,
-                          nesterov=True)  # fmt: skip
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k / total, 1.0))))
+    settings = TrainSettings(
+        workers=s.workers, batch=s.batch, sharding=s.sharding, model=s.model, seed=seed, epochs=epochs,
+        max_steps_per_epoch=max_steps_per_epoch,
+    )  # fmt: skip
+    plan = Schedule(settings, list(range(s.workers)), s.workers, data)
+    opt, schedule = plan.optimizer(model)
     out: dict[str, Any] = {"accuracy": [], "test_loss": [], "train_loss": []}
     started = time.perf_counter()
     for epoch in range(epochs):
         model.train()
-        batches = [epoch_batches(m, s.batch, epoch, seed + r)[:per_epoch] for r, m in enumerate(mine)]
         losses = []
-        for idx in np.concatenate(batches, axis=1):
+        for idx in plan.batches(epoch):
             loss = F.cross_entropy(model(data.train_x[idx]), data.train_y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             schedule.step()
             losses.append(loss.item())
-        model.eval()
-        with torch.no_grad():
-            logits = model(data.test_x)
-        out["accuracy"].append((logits.argmax(1) == data.test_y).sum().item() / len(data.test_y))
-        out["test_loss"].append(F.cross_entropy(logits, data.test_y).item())
+        clock.flush()
+        accuracy, test_loss = _evaluate(model, data)
+        out["accuracy"].append(accuracy)
+        out["test_loss"].append(test_loss)
         out["train_loss"].append(float(np.mean(losses)))
     out["seconds"] = time.perf_counter() - started
     out["parameters"] = {k: p.detach() for k, p in model.named_parameters()}
     return out
+
+
+@torch.no_grad()
+def _evaluate(model: nn.Module, data: Digits) -> tuple[float, float]:
+    model.eval()
+    logits = model(data.test_x)
+    correct = (logits.argmax(1) == data.test_y).sum().item()
+    return correct / len(data.test_y), F.cross_entropy(logits, data.test_y).item()
 
 
 def run(

@@ -150,6 +150,38 @@ def learning_rate(settings: TrainSettings, world: int) -> float:
     return settings.lr if settings.lr is not None else 0.1 * world * settings.batch / 64
 
 
+class Schedule:
+    """What every run of a setting shares: each rank's shard, its batches epoch by epoch, and the
+    optimizer with its learning rate and cosine schedule (the one-process emulation trains with
+    the same, :mod:`workers.emulation`)."""
+
+    def __init__(self, settings: TrainSettings, ranks: list[int], world: int, data: Digits) -> None:
+        self.settings, self.ranks, self.world = settings, ranks, world
+        self.mine = [shards(data.train_y.numpy(), world, settings.sharding, settings.seed)[r] for r in ranks]
+        per_epoch = len(self.mine[0]) // settings.batch
+        if settings.max_steps_per_epoch:
+            per_epoch = min(per_epoch, settings.max_steps_per_epoch)
+        self.per_epoch, self.total = per_epoch, per_epoch * settings.epochs
+        if self.total == 0:
+            raise ValueError(
+                f"a batch of {settings.batch} is larger than a worker's {len(self.mine[0])} training images"
+            )
+
+    def batches(self, epoch: int) -> np.ndarray:
+        """The epoch's steps, each the ranks' batches joined: a (steps, ranks x batch) index array."""
+        s, steps = self.settings, self.per_epoch
+        per_rank = [epoch_batches(m, s.batch, epoch, s.seed + r)[:steps] for r, m in zip(self.ranks, self.mine)]
+        return np.concatenate(per_rank, axis=1)
+
+    def optimizer(self, net: nn.Module) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.LambdaLR]:
+        """SGD with Nesterov momentum 0.9 and weight decay 5e-4, the learning rate of
+        :func:`learning_rate`, on a cosine schedule over the run's steps."""
+        lr, total = learning_rate(self.settings, self.world), self.total
+        opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+        cosine = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k / total, 1.0))))
+        return opt, cosine
+
+
 def _train(
     settings: TrainSettings,
     ranks: list[int],
@@ -162,25 +194,13 @@ def _train(
 ) -> tuple[list[float], RankStats]:
     """Train ``net`` on the batches of ``ranks`` (one rank under DDP; all of them, joined into one
     batch per step, for the single-process reference); evaluate ``model`` after each epoch."""
-    labels = data.train_y.numpy()
-    mine = [shards(labels, world, settings.sharding, settings.seed)[r] for r in ranks]
-    per_epoch = len(mine[0]) // settings.batch
-    if settings.max_steps_per_epoch:
-        per_epoch = min(per_epoch, settings.max_steps_per_epoch)
-    total = per_epoch * settings.epochs
-    if total == 0:
-        raise ValueError(f"a batch of {settings.batch} is larger than a worker's {len(mine[0])} training images")
-    lr = learning_rate(settings, world)
-    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / total, 1.0))))
-    bar = _progress(total, ranks[0])
+    plan = Schedule(settings, ranks, world, data)
+    opt, schedule = plan.optimizer(net)
+    bar = _progress(plan.total, ranks[0])
     accuracies, stats, t0 = [], RankStats(), time.perf_counter()
     for epoch in range(settings.epochs):
         net.train()
-        per_rank = [
-            epoch_batches(shard, settings.batch, epoch, settings.seed + r)[:per_epoch] for r, shard in zip(ranks, mine)
-        ]
-        for idx in np.concatenate(per_rank, axis=1):
+        for idx in plan.batches(epoch):
             if stop.is_set():
                 raise Stopped(f"rank {ranks[0]} stopped at step {stats.steps}")
             started = time.perf_counter()
