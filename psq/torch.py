@@ -187,7 +187,7 @@ class PSBatchNorm(_BatchNorm):
         h = self._fresh_history(x)
         if count == 1 and (h is None or not self.history_weight):
             raise _one_value_error(x)
-        blend = Blend() if h is None else self._blend_with(h, count)
+        blend = Blend() if h is None else history_blend(self, h, count)
         y, mean_b, var_b = apply(x, blend)
         self.loop.submit(self.name, _submission(count, mean_b, var_b, images=float(x.size(0))))
         if h is None:  # no cluster statistics: keep running ones as nn.BatchNorm does
@@ -206,9 +206,6 @@ class PSBatchNorm(_BatchNorm):
 
     def _eager(self, x: torch.Tensor, blend: Blend) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return BlendedNorm.apply(x, self.weight, self.bias, blend, self.eps, self.gradient, self.gradient_sink())
-
-    def _blend_with(self, h: _DeviceHistory, count: float) -> Blend:
-        return history_blend(self, h, count)
 
     @property
     def device_history(self) -> _DeviceHistory | None:

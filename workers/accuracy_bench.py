@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,18 @@ VARIANT_KEYS = {
 }
 
 
+def parse_pairs(text: str, keys: Mapping[str, Callable[[str], Any]], what: str) -> dict[str, Any]:
+    """``key=value,...``, each value parsed by its key's parser; ``what`` names the caller in the
+    error for a key it does not take."""
+    options: dict[str, Any] = {}
+    for pair in text.split(","):
+        key, _, value = pair.partition("=")
+        if key not in keys:
+            raise SettingsError(f"{what} takes key=value pairs of {', '.join(keys)}; got {pair!r}")
+        options[key] = keys[key](value)
+    return options
+
+
 def method(text: str) -> Method:
     """``local``, ``syncbn``, ``psq``, ``psq-renorm``, or ``psq:key=value,...`` (a variant)."""
     if text in ("local", "syncbn", "psq"):
@@ -87,12 +100,7 @@ def method(text: str) -> Method:
         return Method(text, "psq", (("gradient", "renorm"),))
     if not text.startswith("psq:"):
         raise SettingsError(f"expected local, syncbn, psq, psq-renorm or psq:key=value,..., got {text!r}")
-    options: dict[str, Any] = {}
-    for pair in text[4:].split(","):
-        key, _, value = pair.partition("=")
-        if key not in VARIANT_KEYS:
-            raise SettingsError(f"a psq variant takes key=value pairs of {', '.join(VARIANT_KEYS)}; got {pair!r}")
-        options[key] = VARIANT_KEYS[key](value)
+    options = parse_pairs(text[4:], VARIANT_KEYS, "a psq variant")
     half_life = options.pop("half_life", None)
     return Method(text, "psq", tuple(sorted(options.items())), half_life)
 

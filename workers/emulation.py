@@ -56,8 +56,8 @@ from psq.stats import (
     mix,
     unbiased_var,
 )
-from psq.torch import DEFAULT_HISTORY_WEIGHT, DEFAULT_WARMUP_IMAGES, check_options, history_blend
-from workers.accuracy_bench import SETTINGS, VARIANT_KEYS
+from psq.torch import DEFAULT_HISTORY_WEIGHT, DEFAULT_WARMUP_IMAGES, PSQ_OPTIONS, check_options, history_blend
+from workers.accuracy_bench import SETTINGS, VARIANT_KEYS, parse_pairs
 from workers.data import Digits, digits
 from workers.models import MODELS
 from workers.settings import TrainSettings
@@ -108,7 +108,6 @@ _KEYS: dict[str, Callable[[str], Any]] = {
     "partner": _flag01,
     "previous_weight": unit_interval,
 }
-_PSQ_OPTIONS = ("history_weight", "gradient_history_weight", "warmup_images", "gradient")
 
 
 def variant(text: str) -> Variant:
@@ -119,15 +118,10 @@ def variant(text: str) -> Variant:
         return Variant(text)
     if not text.startswith("psq:"):
         raise SettingsError(f"expected sync, psq or psq:key=value,..., got {text!r}")
-    options: dict[str, Any] = {}
-    for pair in text[4:].split(","):
-        key, _, value = pair.partition("=")
-        if key not in _KEYS:
-            raise SettingsError(f"an emulated variant takes key=value pairs of {', '.join(_KEYS)}; got {pair!r}")
-        options[key] = _KEYS[key](value)
+    options = parse_pairs(text[4:], _KEYS, "an emulated variant")
     if options.get("partner") and options.get("previous_weight"):
         raise SettingsError("partner=1 and previous_weight are two partners: choose one")
-    layer = {k: options[k] for k in _PSQ_OPTIONS if k in options}
+    layer = {k: options[k] for k in PSQ_OPTIONS if k in options}
     try:
         check_options(layer)
     except ValueError as exc:
@@ -165,8 +159,8 @@ class Push:
     """One worker's statistics of one layer and step, as its message would carry them: the
     forward's moments, then the backward's gradient means."""
 
-    def __init__(self, images: float, moments: Moments) -> None:
-        self.images, self.moments = images, moments
+    def __init__(self, images: float, moments: Moments | None = None) -> None:
+        self.images, self.moments = images, moments  # the moments once the forward has them
         self.gradients: tuple[float, Any, Any] | None = None
 
     def sink(self, count: float, dy: torch.Tensor, dy_xhat: torch.Tensor) -> None:
@@ -201,6 +195,7 @@ class Clock:
     @staticmethod
     def _apply(pushes: list[tuple[SharedHistory, Push]]) -> None:
         for history, push in pushes:
+            assert push.moments is not None  # every queued push ran its forward
             history.update(push.images, push.moments, push.gradients)
 
 
@@ -251,21 +246,17 @@ class EmulatedNorm(nn.Module):
     def _worker(self, i: int, x: torch.Tensor, current: list[Any] | None) -> torch.Tensor:
         count = float(x.numel() // x.size(1))
         blend = self._blend(i, x, count, current)
-        moments = Moments(count, np.empty(0), np.empty(0))
-        push = Push(float(x.size(0)), moments)
+        push = Push(float(x.size(0)))
         sink = push.sink if self.v.gradient == "cluster" else None
         y, mean_b, var_b = BlendedNorm.apply(x, self.weight, self.bias, blend, self.eps, self.v.gradient, sink)
         push.moments = Moments(count, mean_b.double().numpy(), var_b.double().numpy())
         self.previous[i] = (push.moments.mean, push.moments.var)
-        self._queue([push])
+        self.clock.current.append((self.history, push))
         if self.history.moments.counts[0] == 0:  # no cluster statistics: running ones, as nn.BatchNorm
             n = count / max(count - 1.0, 1.0)
             self.running_mean.lerp_(mean_b.detach(), self.momentum)
             self.running_var.lerp_(var_b.detach() * n, self.momentum)
         return y
-
-    def _queue(self, pushes: list[Push]) -> None:
-        self.clock.current.extend((self.history, p) for p in pushes)
 
     def _blend(self, i: int, x: torch.Tensor, count: float, current: list[Any] | None) -> Blend:
         h, g = self.history.moments, self.history.gradients
