@@ -176,6 +176,39 @@ def gradients(
 
 # psq.native's numbering of the backwards
 _MODES = ("batch", "cluster", "exact", "renorm")
+_KEPT = (0, 1)  # the backwards whose gradient means are the batch's own: those the cluster keeps
+
+
+def fused_step(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    history: torch.Tensor | None,
+    blend: Blend,
+    eps: float,
+    gradient: str,
+    records: torch.Tensor,
+    index: int,
+    keep_gradient: bool,
+) -> torch.Tensor | None:
+    """The whole training step, forward and backward, as one autograd operator of psq's CPU
+    kernels (``psq_native::train``: no Python in the backward), or None where it does not
+    apply (another device, half precision, γ or β in another dtype, no kernels, a blend not
+    taken from ``history``, the layer's ``[mean | var | dy | dy_xhat]`` rows).  It writes the
+    batch's moments into row ``index`` of ``records`` (:class:`psq.records.StepRecord`), and,
+    if ``keep_gradient``, the backward its gradient means."""
+    if x.device.type != "cpu" or x.dtype not in FLOAT_STATS or (blend.share and history is None):
+        return None
+    dtype = x.dtype
+    if (weight is not None and weight.dtype != dtype) or (bias is not None and bias.dtype != dtype):
+        return None
+    fused = native.ops()
+    if fused is None:
+        return None
+    mode = _MODES.index(backward_mode(gradient, blend))
+    share, gradient_share = blend.share, blend.gradient_share
+    keep = keep_gradient and mode in _KEPT
+    return fused.train(x, weight, bias, history, records, index, share, gradient_share, eps, mode, keep)
 
 
 def backward_mode(gradient: str, blend: Blend) -> str:

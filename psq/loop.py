@@ -50,7 +50,7 @@ from psq.counters import LoopCounters
 from psq.inflight import InFlight
 from psq.logs import Throttled
 from psq.loop_thread import LoopThread, run_threadsafe
-from psq.pushes import GradientSubmission, LayerHistory, Pushes, Submission
+from psq.pushes import GradientSubmission, LayerHistory, Pushes, RecordedGradients, Submission
 from psq.security import ClientKeys
 from psq.stats import Moments
 from psq.steps import ClosedStep, ExchangeSteps, StepBook
@@ -96,6 +96,7 @@ class WorkerLoop:
         self.keys = keys
         self._lock = threading.Condition()  # guards the steps, the histories and the pushes in flight
         self._steps: StepBook[Submission, GradientSubmission] = StepBook(auto_step)
+        self._recorded = RecordedGradients()  # the gradient means backwards wrote into step records
         self._exchanges = ExchangeSteps()
         self._in_flight = InFlight(self._lock)
         self._counters = LoopCounters()
@@ -111,7 +112,7 @@ class WorkerLoop:
         self._last_push_s = float("-inf")  # the event loop's clock
         self._hurry: asyncio.Event | None = None  # a flush: send what waits without the interval
         self._host = LoopThread(f"psq-{worker}")
-        self._pid = os.getpid()
+        self._forked = False  # set in a forked child (os.register_at_fork): no getpid per layer call
         _LOOPS.add(self)
 
     @property
@@ -167,6 +168,7 @@ class WorkerLoop:
         await self._in_flight.cancel()
         with self._lock:  # steps not yet sent are given up, as a push in flight is
             self._outbox, self._draining, self._sending = [], False, 0
+            self._recorded.clear()
         if self._pushes.client is not None:
             await self._pushes.client.close()
         self._pushes.client = None
@@ -217,7 +219,7 @@ class WorkerLoop:
             return
         if not self._accepting or self._loop is None or self._pushes.client is None:
             return
-        self._outbox.append(closed)
+        self._outbox.append(self._recorded.collect(closed))
         if not self._draining:
             self._draining = True
             self._in_flight.hand_over(self._loop, self._drain())
@@ -376,7 +378,7 @@ class WorkerLoop:
             )
 
     def _check_process(self) -> None:
-        if os.getpid() != self._pid:
+        if self._forked:
             raise ForkedLoop(
                 "this WorkerLoop belongs to the process that created it; a forked process "
                 "(a DataLoader worker, say) must not use it"
@@ -384,6 +386,7 @@ class WorkerLoop:
 
     def _forget_after_fork(self) -> None:
         # The child inherits copies of the parent's sockets and thread state: never touch them.
+        self._forked = True
         self._loop = self._pushes.client = self._hurry = None
         self._outbox, self._draining, self._sending, self._accepting = [], False, 0, False
         self._host.forget()

@@ -8,6 +8,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -301,6 +302,37 @@ void check_channels(const c10::optional<Tensor>& t, int64_t c, const char* what)
     TORCH_CHECK(t->numel() == c, "psq_native: ", what, " must have ", c, " values, got ", t->numel());
 }
 
+// The forward's per-channel results: the blended mean and variance, the batch's.
+struct Moments {
+  Per mean, var, mean_b, var_b;
+};
+
+// y (into `y`, x's layout) and the moments, from per-channel inputs already checked.
+Moments forward_core(const Tensor& x, Tensor& y, const Per& w, const Per& b, const Per& hm, const Per& hv,
+                     double share, double eps) {
+  const Layout L = layout_of(x);
+  const int64_t C = L.c;
+  Per k, s1, s2;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "psq_forward_moments",
+                             [&] { shifted_sums(x.data_ptr<scalar_t>(), L, k, s1, s2); });
+  const double n = L.count();
+  Moments m{Per(C), Per(C), Per(C), Per(C)};
+  Per scale(C), none(C, 0.0);
+  for (int64_t c = 0; c < C; ++c) {
+    const double d = s1[c] / n;
+    m.mean_b[c] = k[c] + d;
+    m.var_b[c] = std::max(s2[c] / n - d * d, 0.0);
+    const double delta = m.mean_b[c] - hm[c];
+    m.mean[c] = share ? m.mean_b[c] + share * (hm[c] - m.mean_b[c]) : m.mean_b[c];
+    m.var[c] = share ? m.var_b[c] + share * (hv[c] - m.var_b[c]) + share * (1.0 - share) * delta * delta : m.var_b[c];
+    scale[c] = w[c] / std::sqrt(m.var[c] + eps);
+  }
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "psq_forward_output", [&] {
+    affine<scalar_t>(y.data_ptr<scalar_t>(), nullptr, x.data_ptr<scalar_t>(), L, none, scale, m.mean, b);
+  });
+  return m;
+}
+
 // Returns y, the blended mean and variance, the batch's mean and variance.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward(const Tensor& x_in, const c10::optional<Tensor>& weight,
                                                            const c10::optional<Tensor>& bias,
@@ -309,39 +341,70 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward(const Tensor& x_in, c
                                                            double eps) {
   check_input(x_in, "x");
   const Tensor x = channels_last(x_in) ? x_in : x_in.contiguous();
-  const Layout L = layout_of(x);
-  const int64_t C = L.c;
+  const int64_t C = x.size(1);
   for (auto [t, what] : {std::pair{&weight, "weight"}, {&bias, "bias"}, {&history_mean, "history mean"},
                          {&history_var, "history var"}})
     check_channels(*t, C, what);
   TORCH_CHECK(share == 0.0 || (history_mean.has_value() && history_var.has_value()),
               "psq_native: a share of history needs the history");
-  Per k, s1, s2;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "psq_forward_moments",
-                             [&] { shifted_sums(x.data_ptr<scalar_t>(), L, k, s1, s2); });
-  const double n = L.count();
-  Per mean_b(C), var_b(C), mean(C), var(C);
-  const Per hm = values(history_mean, C, 0.0), hv = values(history_var, C, 0.0);
-  const Per w = values(weight, C, 1.0), b = values(bias, C, 0.0);
-  Per scale(C), none(C, 0.0);
-  for (int64_t c = 0; c < C; ++c) {
-    const double d = s1[c] / n;
-    mean_b[c] = k[c] + d;
-    var_b[c] = std::max(s2[c] / n - d * d, 0.0);
-    const double delta = mean_b[c] - hm[c];
-    mean[c] = share ? mean_b[c] + share * (hm[c] - mean_b[c]) : mean_b[c];
-    var[c] = share ? var_b[c] + share * (hv[c] - var_b[c]) + share * (1.0 - share) * delta * delta : var_b[c];
-    scale[c] = w[c] / std::sqrt(var[c] + eps);
-  }
   Tensor y = at::empty_like(x);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "psq_forward_output", [&] {
-    affine<scalar_t>(y.data_ptr<scalar_t>(), nullptr, x.data_ptr<scalar_t>(), L, none, scale, mean, b);
-  });
-  return {y, tensor_of(mean, x), tensor_of(var, x), tensor_of(mean_b, x), tensor_of(var_b, x)};
+  const Moments m = forward_core(x, y, values(weight, C, 1.0), values(bias, C, 0.0), values(history_mean, C, 0.0),
+                                 values(history_var, C, 0.0), share, eps);
+  return {y, tensor_of(m.mean, x), tensor_of(m.var, x), tensor_of(m.mean_b, x), tensor_of(m.var_b, x)};
 }
 
 // Modes of the backward (psq.kernels names them).
 enum Mode : int64_t { kBatch = 0, kCluster = 1, kExact = 2, kRenorm = 3 };
+
+// The backward's results: the input's gradient (if asked for), γ's and β's, and the batch's
+// γ-free gradient means Σg/n and Σg·x̂/n (x̂ about the blended statistics).
+struct Gradients {
+  Tensor x;
+  Per weight, bias, dy, dy_xhat;
+};
+
+Gradients backward_core(const Tensor& g, const Tensor& x, const Per& w, const Moments& m, int64_t mode, double share,
+                        double gradient_share, const Per& hdy, const Per& hdyx, double eps, bool input_gradient) {
+  const Layout L = layout_of(x);
+  const int64_t C = L.c;
+  Per center(C), r_center(C), r(C);
+  for (int64_t c = 0; c < C; ++c) r[c] = 1.0 / std::sqrt(m.var[c] + eps);
+  if (mode == kRenorm) {  // the gradient through the batch's statistics: reduce about them
+    for (int64_t c = 0; c < C; ++c) center[c] = m.mean_b[c], r_center[c] = 1.0 / std::sqrt(m.var_b[c] + eps);
+  } else {
+    center = m.mean, r_center = r;
+  }
+  Per s1, s2;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "psq_backward_sums", [&] {
+    gradient_sums(g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), L, center, s1, s2);
+  });
+  const double n = L.count();
+  Per k(C), a(C), b(C);
+  Gradients out{Tensor(), Per(C), s1, Per(C), Per(C)};
+  for (int64_t c = 0; c < C; ++c) {
+    const double g_mean = s1[c] / n, gx_mean = s2[c] * r_center[c] / n;  // about the center
+    out.weight[c] = r[c] * (s2[c] + (center[c] - m.mean[c]) * s1[c]);    // Σg·x̂, x̂ about μ, σ
+    out.dy[c] = g_mean, out.dy_xhat[c] = out.weight[c] / n;
+    double g_bar = g_mean, gx_bar = gx_mean;
+    if (mode == kCluster) {
+      g_bar = g_mean + gradient_share * (hdy[c] - g_mean);
+      gx_bar = gx_mean + gradient_share * (hdyx[c] - gx_mean);
+    } else if (mode == kExact) {
+      g_bar *= 1.0 - share, gx_bar *= 1.0 - share;
+    }
+    k[c] = w[c] * r[c];
+    a[c] = -k[c] * gx_bar * r_center[c];
+    b[c] = -k[c] * g_bar;
+  }
+  if (input_gradient) {
+    out.x = at::empty_like(x);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "psq_backward_input", [&] {
+      affine<scalar_t>(out.x.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), L, k, a, center,
+                       b);
+    });
+  }
+  return out;
+}
 
 // Returns the gradients of x, γ and β, and the batch's γ-free gradient means Σg/n and Σg·x̂/n
 // (x̂ about the blended statistics).
@@ -357,53 +420,174 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward(
   TORCH_CHECK(mode != kCluster || (history_dy.has_value() && history_dy_xhat.has_value()),
               "psq_native: the cluster gradient needs the history's gradient means");
   const Tensor x = channels_last(x_in) ? x_in : x_in.contiguous();
-  const Tensor g = like(g_in, x);
-  const Layout L = layout_of(x);
-  const int64_t C = L.c;
+  const int64_t C = x.size(1);
   for (auto [t, what] : {std::pair{&weight, "weight"}, {&history_dy, "history dy"},
                          {&history_dy_xhat, "history dy_xhat"}})
     check_channels(*t, C, what);
-  const Per mean = values(mean_t, C), var = values(var_t, C);
-  const Per w = values(weight, C, 1.0);
-  Per center(C), r_center(C), r(C);
-  for (int64_t c = 0; c < C; ++c) r[c] = 1.0 / std::sqrt(var[c] + eps);
-  if (mode == kRenorm) {  // the gradient through the batch's statistics: reduce about them
-    const Per mean_b = values(mean_b_t, C), var_b = values(var_b_t, C);
-    for (int64_t c = 0; c < C; ++c) center[c] = mean_b[c], r_center[c] = 1.0 / std::sqrt(var_b[c] + eps);
-  } else {
-    center = mean, r_center = r;
-  }
-  Per s1, s2;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "psq_backward_sums", [&] {
-    gradient_sums(g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), L, center, s1, s2);
+  const Moments m{values(mean_t, C), values(var_t, C), values(mean_b_t, C), values(var_b_t, C)};
+  const Gradients out =
+      backward_core(like(g_in, x), x, values(weight, C, 1.0), m, mode, share, gradient_share,
+                    values(history_dy, C, 0.0), values(history_dy_xhat, C, 0.0), eps, input_gradient);
+  return {out.x, tensor_of(out.weight, x), tensor_of(out.bias, x), tensor_of(out.dy, x), tensor_of(out.dy_xhat, x)};
+}
+
+// -- the training step as one autograd operator ------------------------------------------------
+//
+// A step's record of the layer is row `index` of `records` (psq.records): C values per part and
+// a marker, [mean_b | var_b | dy | dy_xhat | state], in x's dtype.  The forward writes the
+// batch's moments and sets the state to 0; the backward writes the batch's gradient means (if
+// `keep_gradient`) only while the state is 0, then sets it to n, the elements per channel.  The
+// loop seals a record it closes without them (state −1): a backward that comes later writes
+// nothing there.  `history` is the layer's [mean | var | dy | dy_xhat] rows; it is read, never
+// saved for autograd (psq reloads it in place: a constant).
+
+Per row(const Tensor& t, int64_t at, int64_t c) {
+  Per out(c);
+  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "psq_row", [&] {
+    const scalar_t* p = t.data_ptr<scalar_t>() + at * c;
+    std::copy(p, p + c, out.begin());
   });
-  const double n = L.count();
-  const Per hdy = values(history_dy, C, 0.0), hdyx = values(history_dy_xhat, C, 0.0);
-  Per k(C), a(C), b(C), grad_w(C), dy(C), dy_xhat(C);
-  for (int64_t c = 0; c < C; ++c) {
-    const double g_mean = s1[c] / n, gx_mean = s2[c] * r_center[c] / n;  // about the center
-    grad_w[c] = r[c] * (s2[c] + (center[c] - mean[c]) * s1[c]);          // Σg·x̂, x̂ about μ, σ
-    dy[c] = g_mean, dy_xhat[c] = grad_w[c] / n;
-    double g_bar = g_mean, gx_bar = gx_mean;
-    if (mode == kCluster) {
-      g_bar = g_mean + gradient_share * (hdy[c] - g_mean);
-      gx_bar = gx_mean + gradient_share * (hdyx[c] - gx_mean);
-    } else if (mode == kExact) {
-      g_bar *= 1.0 - share, gx_bar *= 1.0 - share;
-    }
-    k[c] = w[c] * r[c];
-    a[c] = -k[c] * gx_bar * r_center[c];
-    b[c] = -k[c] * g_bar;
-  }
-  Tensor grad_x;
-  if (input_gradient) {
-    grad_x = at::empty_like(x);
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "psq_backward_input", [&] {
-      affine<scalar_t>(grad_x.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), L, k, a, center,
-                       b);
+  return out;
+}
+
+// Where one record begins, and its parts: records are rows of 4·C + 1 values.
+struct Record {
+  Tensor records;
+  int64_t index, c;
+  int64_t at(int64_t part) const { return index * (4 * c + 1) + part * c; }
+
+  void write(int64_t part, const Per& a, const Per& b) const {
+    AT_DISPATCH_FLOATING_TYPES(records.scalar_type(), "psq_record_write", [&] {
+      scalar_t* p = records.data_ptr<scalar_t>() + at(part);
+      std::copy(a.begin(), a.end(), p);
+      std::copy(b.begin(), b.end(), p + c);
     });
   }
-  return {grad_x, tensor_of(grad_w, x), tensor_of(s1, x), tensor_of(dy, x), tensor_of(dy_xhat, x)};
+  double state() const {
+    double s = 0.0;
+    AT_DISPATCH_FLOATING_TYPES(records.scalar_type(), "psq_record_state",
+                               [&] { s = records.data_ptr<scalar_t>()[at(4)]; });
+    return s;
+  }
+  void set_state(double s) const {
+    AT_DISPATCH_FLOATING_TYPES(records.scalar_type(), "psq_record_set_state",
+                               [&] { records.data_ptr<scalar_t>()[at(4)] = static_cast<scalar_t>(s); });
+  }
+};
+
+void check_train(const Tensor& x, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
+                 const c10::optional<Tensor>& history, const Tensor& records, int64_t index, double share,
+                 int64_t mode) {
+  check_input(x, "x");
+  const int64_t C = x.size(1);
+  for (auto [t, what] : {std::pair{&weight, "weight"}, {&bias, "bias"}}) {
+    check_channels(*t, C, what);
+    if (t->has_value() && (*t)->defined())
+      TORCH_CHECK((*t)->scalar_type() == x.scalar_type() && (*t)->is_contiguous(), "psq_native: ", what,
+                  " must be contiguous in x's dtype");
+  }
+  const bool has_history = history.has_value() && history->defined();
+  TORCH_CHECK(share == 0.0 || has_history, "psq_native: a share of history needs the history");
+  if (has_history)
+    TORCH_CHECK(history->numel() == 4 * C && history->is_contiguous() && history->scalar_type() == x.scalar_type() &&
+                    history->device().is_cpu(),
+                "psq_native: the history must be 4 contiguous rows of ", C, " values in x's dtype, got ",
+                history->sizes(), " ", history->scalar_type());
+  TORCH_CHECK(records.dim() == 2 && records.size(1) == 4 * C + 1 && records.is_contiguous() &&
+                  records.scalar_type() == x.scalar_type() && records.device().is_cpu(),
+              "psq_native: the records must be contiguous rows of 4·C + 1 = ", 4 * C + 1,
+              " values in x's dtype, got ", records.sizes(), " ", records.scalar_type());
+  TORCH_CHECK(index >= 0 && index < records.size(0), "psq_native: record ", index, " of ", records.size(0));
+  TORCH_CHECK(mode >= kBatch && mode <= kRenorm, "psq_native: unknown backward mode ", mode);
+  TORCH_CHECK(mode != kCluster || has_history, "psq_native: the cluster gradient needs the history's gradient means");
+}
+
+Per history_row(const c10::optional<Tensor>& history, int64_t at, int64_t c) {
+  return history.has_value() && history->defined() ? row(*history, at, c) : Per(c, 0.0);
+}
+
+Tensor train_forward(const Tensor& x_in, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
+                     const c10::optional<Tensor>& history, const Record& record, double share, double eps,
+                     Moments& m) {
+  const Tensor x = channels_last(x_in) ? x_in : x_in.contiguous();
+  const int64_t C = x.size(1);
+  Tensor y = at::empty_like(x);
+  m = forward_core(x, y, values(weight, C, 1.0), values(bias, C, 0.0), history_row(history, 0, C),
+                   history_row(history, 1, C), share, eps);
+  record.write(0, m.mean_b, m.var_b);
+  record.set_state(0.0);
+  return y;
+}
+
+class Train : public torch::autograd::Function<Train> {
+ public:
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& x, const c10::optional<Tensor>& weight,
+                        const c10::optional<Tensor>& bias, const c10::optional<Tensor>& history,
+                        const Tensor& records, int64_t index, double share, double gradient_share, double eps,
+                        int64_t mode, bool keep_gradient) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    const int64_t C = x.size(1);
+    Moments m;
+    Tensor y = train_forward(x, weight, bias, history, Record{records, index, C}, share, eps, m);
+    Tensor moments = at::empty({4, C}, x.options().dtype(at::kDouble));
+    double* p = moments.data_ptr<double>();
+    for (const Per* v : {&m.mean, &m.var, &m.mean_b, &m.var_b}) p = std::copy(v->begin(), v->end(), p);
+    const Tensor w = weight.has_value() ? *weight : Tensor();
+    ctx->save_for_backward({channels_last(x) ? x : x.contiguous(), w, moments});
+    ctx->saved_data["history"] = history.has_value() ? *history : Tensor();
+    ctx->saved_data["records"] = keep_gradient ? records : Tensor();
+    ctx->saved_data["index"] = index;
+    ctx->saved_data["share"] = share;
+    ctx->saved_data["gradient_share"] = gradient_share;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["mode"] = mode;
+    return y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor& x = saved[0];
+    const Tensor& weight = saved[1];
+    const int64_t C = x.size(1);
+    const double* p = saved[2].data_ptr<double>();
+    const Moments m{Per(p, p + C), Per(p + C, p + 2 * C), Per(p + 2 * C, p + 3 * C), Per(p + 3 * C, p + 4 * C)};
+    const Tensor history = ctx->saved_data["history"].toTensor();
+    const c10::optional<Tensor> h = history.defined() ? c10::optional<Tensor>(history) : c10::nullopt;
+    const int64_t mode = ctx->saved_data["mode"].toInt();
+    const Tensor g = like(grads[0].defined() ? grads[0] : at::zeros_like(x), x);
+    const Gradients out = backward_core(
+        g, x, weight.defined() ? values(weight, C) : Per(C, 1.0), m, mode, ctx->saved_data["share"].toDouble(),
+        ctx->saved_data["gradient_share"].toDouble(), mode == kCluster ? history_row(h, 2, C) : Per(C, 0.0),
+        mode == kCluster ? history_row(h, 3, C) : Per(C, 0.0), ctx->saved_data["eps"].toDouble(),
+        ctx->needs_input_grad(0));
+    const Record record{ctx->saved_data["records"].toTensor(), ctx->saved_data["index"].toInt(), C};
+    if (record.records.defined() && record.state() == 0.0) {  // the first backward of an open record
+      record.write(2, out.dy, out.dy_xhat);
+      record.set_state(layout_of(x).count());
+    }
+    const bool affine = weight.defined();
+    return {out.x,
+            affine && ctx->needs_input_grad(1) ? tensor_of(out.weight, x) : Tensor(),
+            affine && ctx->needs_input_grad(2) ? tensor_of(out.bias, x) : Tensor(),
+            Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+Tensor train(const Tensor& x, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
+             const c10::optional<Tensor>& history, const Tensor& records, int64_t index, double share,
+             double gradient_share, double eps, int64_t mode, bool keep_gradient) {
+  check_train(x, weight, bias, history, records, index, share, mode);
+  return Train::apply(x, weight, bias, history, records, index, share, gradient_share, eps, mode, keep_gradient);
+}
+
+// Below autograd (no gradient to record): the forward alone.
+Tensor train_no_grad(const Tensor& x, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
+                     const c10::optional<Tensor>& history, const Tensor& records, int64_t index, double share,
+                     double gradient_share, double eps, int64_t mode, bool keep_gradient) {
+  check_train(x, weight, bias, history, records, index, share, mode);
+  Moments m;
+  return train_forward(x, weight, bias, history, Record{records, index, x.size(1)}, share, eps, m);
 }
 
 }  // namespace
@@ -416,6 +600,12 @@ TORCH_LIBRARY(psq_native, m) {
       "backward(Tensor g, Tensor x, Tensor? weight, Tensor mean, Tensor var, Tensor mean_b, Tensor var_b, int mode, "
       "float share, float gradient_share, Tensor? history_dy, Tensor? history_dy_xhat, float eps, "
       "bool input_gradient) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "train(Tensor x, Tensor? weight, Tensor? bias, Tensor? history, Tensor(a!) records, int index, float share, "
+      "float gradient_share, float eps, int mode, bool keep_gradient) -> Tensor");
   m.impl("forward", c10::DispatchKey::CPU, &forward);
   m.impl("backward", c10::DispatchKey::CPU, &backward);
+  m.impl("train", c10::DispatchKey::CPU, &train_no_grad);
 }
+
+TORCH_LIBRARY_IMPL(psq_native, Autograd, m) { m.impl("train", &train); }

@@ -19,6 +19,7 @@ import torch
 from psq.kernels import FLOAT_STATS, Blend, Saved, gradients, normalize
 
 if TYPE_CHECKING:
+    from psq.records import StepRecord
     from psq.torch import PSBatchNorm
 
 _LAYERS: weakref.WeakValueDictionary[int, PSBatchNorm] = weakref.WeakValueDictionary()
@@ -51,10 +52,11 @@ def train_forward(
     module = _layer(layer)
     used: list[tuple[Saved, Blend]] = []
 
-    def apply(x: torch.Tensor, blend: Blend) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def apply(x: torch.Tensor, blend: Blend, record: StepRecord) -> torch.Tensor:
         y, saved = normalize(x, weight, bias, blend, module.eps)
+        record.write_moments(saved.mean_b, saved.var_b)
         used.append((saved, blend))
-        return y, saved.mean_b, saved.var_b
+        return y
 
     if module.track_running_stats and module.num_batches_tracked is not None:
         module.num_batches_tracked.add_(1)  # here, so that momentum=None reads this step's count

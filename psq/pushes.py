@@ -47,6 +47,30 @@ class Submission(NamedTuple):
     var: np.ndarray
     ready: Callable[[], bool] | None = None
     images: float | None = None
+    gradient: PendingGradient | None = None  # where this step's backward writes its statistics
+
+
+class PendingGradient(NamedTuple):
+    """Where a layer's backward writes the gradient means of a step after its forward submitted
+    (numpy views of the layer's step record, :class:`psq.records.StepRecord`): ``dy``, ``dy_xhat``
+    and ``state``, one value: 0 until the backward wrote them, then the elements per channel they
+    average; −1 once sealed (a backward that comes later writes nothing).  ``ready`` as for
+    :class:`Submission`."""
+
+    dy: np.ndarray
+    dy_xhat: np.ndarray
+    state: np.ndarray
+    ready: Callable[[], bool] | None = None
+
+    def written(self) -> GradientSubmission | None:
+        """The means, once the backward wrote them."""
+        count = float(self.state[0])
+        return GradientSubmission(count, self.dy, self.dy_xhat, self.ready) if count > 0 else None
+
+    def seal(self) -> None:
+        """Let no backward write here any more (the step it belonged to is gone)."""
+        if self.state[0] == 0:
+            self.state[0] = -1
 
 
 class GradientSubmission(NamedTuple):
@@ -68,6 +92,47 @@ class LayerHistory:
     step: int  # the step whose push brought it back
     gradient: GradientMeans | None = None  # the gradient history, once a push carried gradients
     seen: float = 0.0  # images that ever arrived for this layer, from every worker
+
+
+class RecordedGradients:
+    """Collects, as each step closes, the gradient means its layers' backwards wrote into their
+    step records.  A record still empty then (the step was closed between a forward and its
+    backward) waits for the next step with a forward, as a submitted gradient does
+    (:meth:`psq.steps.StepBook.submit_gradient`), and is sealed if still empty.
+
+    The trainer's thread calls it, under the loop's lock, between one layer call and the next:
+    a backward on the CPU runs on that thread too, so a record is never written while read.
+    """
+
+    def __init__(self) -> None:
+        self._waiting: list[tuple[str, PendingGradient]] = []
+
+    def collect(self, step: ClosedStep[Submission, GradientSubmission]) -> ClosedStep[Submission, GradientSubmission]:
+        """``step`` with the gradient means written into its records (and the late ones of the step before)."""
+        gradients = {name: list(gs) for name, gs in step.gradients.items()}
+        waiting = []
+        ours = [(name, s.gradient) for name, s in _submissions(step) if s.gradient is not None]
+        for late, (name, pending) in [(True, w) for w in self._waiting] + [(False, o) for o in ours]:
+            written = pending.written()
+            if written is not None:
+                gradients.setdefault(name, []).append(written)
+            elif late:
+                pending.seal()
+            else:
+                waiting.append((name, pending))
+        self._waiting = waiting
+        return ClosedStep(step.number, step.entries, gradients)
+
+    def clear(self) -> None:
+        """Seal and forget every record waiting (the loop closes)."""
+        for _, pending in self._waiting:
+            pending.seal()
+        self._waiting = []
+
+
+def _submissions(step: ClosedStep[Submission, GradientSubmission]) -> list[tuple[str, Submission]]:
+    """Every forward's submission in a step, those a second forward of the layer replaced too."""
+    return [*((n, s) for n, ss in step.earlier.items() for s in ss), *step.entries.items()]
 
 
 class Pushes:

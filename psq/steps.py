@@ -23,11 +23,13 @@ G = TypeVar("G")  # a layer's backward statistics for one step
 @dataclass(frozen=True)
 class ClosedStep(Generic[S, G]):
     """A step to push: its number, each layer's statistics, each layer's backward statistics
-    (a layer run twice before its step closed, by activation checkpointing, has several)."""
+    (a layer run twice before its step closed, by activation checkpointing, has several), and
+    the statistics a layer's second forward in the step replaced (``earlier``)."""
 
     number: int
     entries: Mapping[str, S]
     gradients: Mapping[str, list[G]] = field(default_factory=dict)
+    earlier: Mapping[str, list[S]] = field(default_factory=dict)
 
 
 class StepBook(Generic[S, G]):
@@ -38,6 +40,7 @@ class StepBook(Generic[S, G]):
         self.number = 0  # the open step; also how many steps have closed
         self._entries: dict[str, S] = {}
         self._gradients: dict[str, list[G]] = {}
+        self._earlier: dict[str, list[S]] = {}
 
     def enter(self, name: str) -> ClosedStep[S, G] | None:
         """A layer begins its forward: if it already reported in the open step, that step is
@@ -50,6 +53,9 @@ class StepBook(Generic[S, G]):
         """Add a layer's statistics to the open step, first closing it (returned) if the layer
         already reported in it."""
         closed = self.enter(name)
+        replaced = self._entries.get(name)
+        if replaced is not None:  # without auto_step: the last forward's statistics count
+            self._earlier.setdefault(name, []).append(replaced)
         self._entries[name] = stats
         return closed
 
@@ -62,11 +68,12 @@ class StepBook(Generic[S, G]):
         """Close the open step.  Gradients that came without any forward in it (``close`` called
         between a forward and its backward) stay for the next step."""
         entries, self._entries = self._entries, {}
+        earlier, self._earlier = self._earlier, {}
         number, self.number = self.number, self.number + 1
         if not entries:
             return ClosedStep(number, {})
         gradients, self._gradients = self._gradients, {}
-        return ClosedStep(number, entries, gradients)
+        return ClosedStep(number, entries, gradients, earlier)
 
     @property
     def is_open(self) -> bool:

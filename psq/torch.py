@@ -35,15 +35,17 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from psq import ops
-from psq.kernels import FLOAT_STATS, Blend, BlendedNorm, batch_stats
+from psq.kernels import FLOAT_STATS, Blend, BlendedNorm, GradientSink, batch_stats, fused_step
 from psq.loop import WorkerLoop
-from psq.pushes import GradientSubmission, LayerHistory, Submission
+from psq.pushes import LayerHistory
+from psq.records import StepRecord, StepRecords
 from psq.stats import GRADIENTS, Moments, blend_weight, remove, unbiased_var, warmed_up
 
 # Defaults chosen on digits settings (a) and (b), then checked on (c), (d) and a ResNet: docs/accuracy.md.
 DEFAULT_HISTORY_WEIGHT = 0.9
 DEFAULT_WARMUP_IMAGES = 1024.0
-Apply = Callable[[torch.Tensor, "Blend"], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+# A training step's normalization: writes the batch's moments into the record, returns y
+Apply = Callable[[torch.Tensor, "Blend", StepRecord], torch.Tensor]
 _BY_DIMS = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
 _TORCH_HAS_BIAS = "bias" in inspect.signature(_BatchNorm.__init__).parameters  # torch >= 2.13
 # Each loop's layers by name: a name is one layer's statistics on the wire, so two live layers
@@ -134,6 +136,8 @@ class PSBatchNorm(_BatchNorm):
         self.origin: type[nn.Module] | None = None  # the class convert_batchnorm replaced
         self._input_dims: int | None = None
         self._history: _DeviceHistory | None = None
+        self._record: StepRecord | None = None  # the last training step's
+        self._records: StepRecords | None = None
         self._op = ops.register(self)  # how torch.compile's operators find this layer
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
@@ -150,7 +154,7 @@ class PSBatchNorm(_BatchNorm):
     def __getstate__(self) -> dict[str, Any]:
         # A copy of the model (deepcopy, pickle) carries no threads or sockets.
         state = super().__getstate__()
-        return {**state, "loop": None, "_history": None}
+        return {**state, "loop": None, "_history": None, "_record": None, "_records": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -165,7 +169,9 @@ class PSBatchNorm(_BatchNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
-        self._input_dims = x.dim()
+        dims = x.dim()
+        if dims != self._input_dims:
+            self._input_dims = dims
         if not self.training or self.loop is None:  # nn.BatchNorm's own, with every option
             return super().forward(x)
         if x.numel() == 0:  # nothing to measure: no statistics sent, the history left alone
@@ -188,10 +194,12 @@ class PSBatchNorm(_BatchNorm):
         if count == 1 and (h is None or not self.history_weight):
             raise _one_value_error(x)
         blend = Blend() if h is None else history_blend(self, h, count)
-        y, mean_b, var_b = apply(x, blend)
-        self.loop.submit(self.name, _submission(count, mean_b, var_b, images=float(x.size(0))))
+        # nn.Module's __setattr__ costs a layer call several µs: these are plain attributes
+        record = self.__dict__["_record"] = self._new_record(x)
+        y = apply(x, blend, record)
+        self.loop.submit(self.name, record.submission(count, float(x.size(0)), self.keeps_gradient()))
         if h is None:  # no cluster statistics: keep running ones as nn.BatchNorm does
-            self._momentum_update(mean_b, var_b, count)
+            self._momentum_update(record.mean_b, record.var_b, count)
         return y
 
     def _empty(self, x: torch.Tensor) -> torch.Tensor:
@@ -204,24 +212,40 @@ class PSBatchNorm(_BatchNorm):
             )
         return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
 
-    def _eager(self, x: torch.Tensor, blend: Blend) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return BlendedNorm.apply(x, self.weight, self.bias, blend, self.eps, self.gradient, self.gradient_sink())
+    def _new_record(self, x: torch.Tensor) -> StepRecord:
+        """A fresh record for this step's statistics (in the dtype of the step's statistics)."""
+        dtype, device = x.dtype, x.device
+        dtype = dtype if dtype in FLOAT_STATS else torch.float32
+        records = self._records
+        if records is None or records.dtype != dtype or records.device != device:
+            records = self.__dict__["_records"] = StepRecords(self.num_features, dtype, device)
+        return records.take()
+
+    def _eager(self, x: torch.Tensor, blend: Blend, record: StepRecord) -> torch.Tensor:
+        keep, held = self.keeps_gradient(), self._history
+        rows = held.rows if held is not None and blend.mean is held.mean else None  # sync's blend: not the history
+        weight, bias = self.weight, self.bias
+        y = fused_step(x, weight, bias, rows, blend, self.eps, self.gradient, record.block, record.index, keep)
+        if y is not None:
+            return y
+        sink = record.write_gradient if keep else None
+        y, mean_b, var_b = BlendedNorm.apply(x, weight, bias, blend, self.eps, self.gradient, sink)
+        record.write_moments(mean_b, var_b)
+        return y
 
     @property
     def device_history(self) -> _DeviceHistory | None:
         """The history the layer last blended with, on its device."""
         return self._history
 
-    def gradient_sink(self) -> Callable[[float, torch.Tensor, torch.Tensor], None] | None:
-        """Where the backward hands this batch's gradient means: the loop, for the cluster gradient."""
-        if self.gradient == "cluster" and self.loop is not None and self.loop.mode == "async":
-            return self._gradient_out
-        return None
+    def keeps_gradient(self) -> bool:
+        """Whether the loop keeps this layer's gradient means: for the cluster gradient."""
+        return self.gradient == "cluster" and self.loop is not None and self.loop.mode == "async"
 
-    def _gradient_out(self, count: float, dy: torch.Tensor, dy_xhat: torch.Tensor) -> None:
-        """Called from the backward with this batch's gradient means (γ-free)."""
-        if self.loop is not None:
-            self.loop.submit_gradient(self.name, GradientSubmission(count, *_to_host(dy, dy_xhat)))
+    def gradient_sink(self) -> GradientSink | None:
+        """Where a backward of the last training step writes its gradient means, if they are kept."""
+        record = self._record
+        return record.write_gradient if record is not None and self.keeps_gradient() else None
 
     def _fresh_history(self, x: torch.Tensor) -> _DeviceHistory | None:
         loop = self.loop
@@ -240,7 +264,7 @@ class PSBatchNorm(_BatchNorm):
         """The layer's device copy of ``h`` in the dtype of the step's statistics (the input's,
         float32 for a half-precision one), refreshed in place when its version is new."""
         held = self._history
-        if held is None or held.rows.device != device or held.rows.dtype != dtype:
+        if held is None or held.device != device or held.dtype != dtype:
             held = self._history = _DeviceHistory(self.num_features, dtype, device)
         if held.version != h.version:
             held.load(h)
@@ -288,7 +312,9 @@ def _sync_forward(layer: PSBatchNorm, x: torch.Tensor, count: float, apply: Appl
     assert layer.loop is not None
     with torch.no_grad():
         mean_b, var_b = batch_stats(x if x.dtype in FLOAT_STATS else x.float())
-    answer = layer.loop.exchange(layer.name, _submission(count, mean_b, var_b, images=float(x.size(0))))
+    record = layer._new_record(x)
+    record.write_moments(mean_b, var_b)
+    answer = layer.loop.exchange(layer.name, record.submission(count, float(x.size(0)), gradient=False))
     own = Moments(count, mean_b.cpu().double().numpy(), var_b.cpu().double().numpy())
     # An incomplete answer (the step timed out, or this push came late) may not contain this
     # batch: removing it would extrapolate; another layer's statistics are never applied.
@@ -301,8 +327,8 @@ def _sync_forward(layer: PSBatchNorm, x: torch.Tensor, count: float, apply: Appl
     ):
         if count == 1:
             raise _one_value_error(x)
-        y, mean_b, var_b = apply(x, Blend())
-        layer._momentum_update(mean_b, var_b, count)
+        y = apply(x, Blend(), record)
+        layer._momentum_update(record.mean_b, record.var_b, count)
         return y
     pooled = Moments(
         float(answer[0].count), np.asarray(answer[0].mean, np.float64), np.asarray(answer[0].var, np.float64)
@@ -310,7 +336,7 @@ def _sync_forward(layer: PSBatchNorm, x: torch.Tensor, count: float, apply: Appl
     others = remove(pooled, own)
     share = float(others.count) / float(pooled.count)
     to = dict(dtype=mean_b.dtype, device=mean_b.device)
-    y, _, _ = apply(x, Blend(share, torch.tensor(others.mean, **to), torch.tensor(others.var, **to)))
+    y = apply(x, Blend(share, torch.tensor(others.mean, **to), torch.tensor(others.var, **to)), record)
     layer._momentum_update(torch.tensor(pooled.mean, **to), torch.tensor(pooled.var, **to), float(pooled.count))
     return y
 
@@ -355,6 +381,7 @@ class _DeviceHistory:
     aggregator has them.  On a GPU the host side is a pinned buffer copied without waiting."""
 
     def __init__(self, channels: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.device, self.dtype = device, dtype  # as given: a tensor's own getters cost a step more
         self.rows = torch.zeros((4, channels), dtype=dtype, device=device)
         self.mean, self.var, self.dy, self.dy_xhat = self.rows.unbind(0)  # var biased
         self._host = self.rows if device.type == "cpu" else torch.empty_like(self.rows, device="cpu").pin_memory()
@@ -384,26 +411,6 @@ def _one_value_error(x: torch.Tensor) -> ValueError:
         f"Expected more than 1 value per channel when training, got input size {x.size()} "
         "(psq normalizes such a batch with the cluster's history once the layer has one)"
     )
-
-
-def _submission(count: float, mean: torch.Tensor, var: torch.Tensor, images: float | None = None) -> Submission:
-    """A batch's moments for the loop, without waiting for the device."""
-    return Submission(count, *_to_host(mean, var), images)
-
-
-def _to_host(a: torch.Tensor, b: torch.Tensor) -> tuple[np.ndarray, np.ndarray, Callable[[], bool] | None]:
-    """Two per-channel statistics as numpy, and what says when they hold their values: on the
-    CPU their own memory (fresh tensors nothing writes again); on a GPU a pinned host copy
-    started without waiting, and its CUDA event."""
-    a, b = a.detach(), b.detach()
-    if a.device.type == "cpu":
-        return a.numpy(), b.numpy(), None
-    host = torch.empty((2, a.numel()), dtype=a.dtype, pin_memory=True)
-    host[0].copy_(a, non_blocking=True)
-    host[1].copy_(b, non_blocking=True)
-    landed = torch.cuda.Event()
-    landed.record()
-    return host[0].numpy(), host[1].numpy(), landed.query
 
 
 def ddp_buffer_sync(enabled: bool) -> dict[str, bool]:

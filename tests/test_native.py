@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from psq import native
-from psq.kernels import Blend, backward_mode, gradients, normalize
+from psq.kernels import Blend, backward_mode, fused_step, gradients, normalize
 
 LAYOUTS = [
     ((4, 6, 5, 3), torch.contiguous_format),
@@ -182,3 +182,94 @@ def test_a_failed_build_falls_back_and_says_why(tmp_path) -> None:
     assert done.returncode == 0, done.stderr
     assert "fell back" in done.stdout
     assert done.stderr.count("psq's CPU kernels are not available") == 1
+
+
+def _records(c: int, dtype: torch.dtype, rows: int = 3) -> torch.Tensor:
+    return torch.full((rows, 4 * c + 1), float("nan"), dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape,fmt", LAYOUTS[:4])
+@pytest.mark.parametrize("gradient,gradient_share", BACKWARDS)
+def test_the_one_operator_step_equals_the_composed_step_and_fills_its_record(
+    shape, fmt, dtype, gradient, gradient_share, composed
+) -> None:
+    """psq_native::train, forward and backward through autograd, against the step on torch's
+    kernels: the same output and gradients, the batch's moments and (for the backwards whose
+    means the cluster keeps) gradient means in its row of the records, the others untouched."""
+    x, g, weight, bias, h = _case(shape, fmt, dtype)
+    c = shape[1]
+    rows = torch.stack([h.mean, h.var, h.dy, h.dy_xhat])
+    blend = Blend(h.share, rows[0], rows[1], gradient_share, rows[2], rows[3])
+    handed = Handed()
+    with composed:
+        want_y, want = normalize(x, weight, bias, blend, 1e-5)
+        want_grads = gradients(g, want, weight, blend, 1e-5, gradient, handed)
+    records = _records(c, dtype)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    y = fused_step(*leaves, rows, blend, 1e-5, gradient, records, 1, keep_gradient=True)
+    got_grads = torch.autograd.grad(y, leaves, g)
+    tol = TOL[dtype]
+    torch.testing.assert_close(y, want_y, rtol=tol, atol=tol)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * x.numel() ** 0.5)
+    row = records[1]
+    torch.testing.assert_close(row[:c], want.mean_b, rtol=tol, atol=tol)
+    torch.testing.assert_close(row[c : 2 * c], want.var_b, rtol=tol, atol=tol)
+    if handed:  # the cluster keeps these means: the backward wrote them, and the elements behind them
+        (n, dy, dy_xhat) = handed[0]
+        torch.testing.assert_close(row[2 * c : 3 * c], dy, rtol=tol, atol=tol)
+        torch.testing.assert_close(row[3 * c : 4 * c], dy_xhat, rtol=tol, atol=tol)
+        assert float(row[-1]) == n
+    else:
+        assert float(row[-1]) == 0 and row[2 * c : 4 * c].isnan().all()
+    assert records[0].isnan().all() and records[2].isnan().all()
+
+
+def test_a_record_takes_its_first_backward_and_none_once_sealed() -> None:
+    x, g, weight, bias, _ = _case((4, 3, 5, 5), torch.contiguous_format, torch.float64)
+    records = _records(3, torch.float64)
+
+    def backward_twice(index: int, seal: bool) -> None:
+        leaf = x.clone().requires_grad_()
+        y = fused_step(leaf, weight, bias, None, Blend(), 1e-5, "cluster", records, index, keep_gradient=True)
+        if seal:
+            records[index, -1] = -1  # what the loop's seal does to a record still empty
+        torch.autograd.grad(y, leaf, g, retain_graph=True)
+        torch.autograd.grad(y, leaf, 2 * g)
+
+    backward_twice(0, seal=False)
+    want = g.mean(dim=(0, 2, 3))
+    torch.testing.assert_close(records[0, 6:9], want)  # the first backward's, not the second's 2g
+    assert float(records[0, -1]) == 4 * 5 * 5
+    backward_twice(1, seal=True)
+    assert float(records[1, -1]) == -1 and records[1, 6:12].isnan().all()
+
+
+def test_gradcheck_of_the_one_operator_step_with_the_history_constant() -> None:
+    x, _, weight, bias, h = _case((3, 2, 3, 2), torch.contiguous_format, torch.float64)
+    rows = torch.stack([h.mean, h.var, h.dy, h.dy_xhat])
+    for gradient, blend in (("exact", Blend(0.6, rows[0], rows[1])), ("batch", Blend())):
+        records = _records(2, torch.float64)
+
+        def step(x, weight, bias, blend=blend, gradient=gradient, records=records):
+            return fused_step(x, weight, bias, rows, blend, 1e-5, gradient, records, 0, keep_gradient=False)
+
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        assert torch.autograd.gradcheck(step, leaves)
+
+
+@pytest.mark.parametrize(
+    "records,index,message",
+    [
+        (torch.zeros(2, 12), 0, r"rows of 4·C \+ 1 = 13"),
+        (torch.zeros(2, 13, dtype=torch.float64), 0, "in x's dtype"),
+        (torch.zeros(2, 13), 2, "record 2 of 2"),
+    ],
+)
+def test_the_one_operator_step_refuses_records_it_cannot_write(records, index, message) -> None:
+    x = torch.randn(4, 3, 5, 5)
+    with pytest.raises(RuntimeError, match=message):
+        native.ops().train(x, None, None, None, records, index, 0.0, 0.0, 1e-5, 0, False)
+    with pytest.raises(RuntimeError, match="needs the history"):
+        native.ops().train(x, None, None, None, torch.zeros(2, 13), 0, 0.5, 0.0, 1e-5, 0, False)

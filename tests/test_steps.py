@@ -15,7 +15,7 @@ import pytest
 from psq.counters import LoopCounters
 from psq.inflight import InFlight
 from psq.loop_thread import MAX_SKIPPED_POLLS, FewReleasesSelector, LoopThread, run_threadsafe
-from psq.pushes import Submission, pooled_moments
+from psq.pushes import GradientSubmission, PendingGradient, RecordedGradients, Submission, pooled_moments
 from psq.stats import Moments
 from psq.steps import ClosedStep, ExchangeSteps, StepBook
 
@@ -232,3 +232,53 @@ def test_steps_sent_in_one_message_pool_each_layers_moments_and_images():
         assert got.count == want.count
         np.testing.assert_allclose([got.mean, got.var], [want.mean, want.var], rtol=1e-14)
     assert images == {"a": 4.0}  # b's submissions name no images: each element counts as one
+
+
+def _recorded(book: StepBook, name: str, channels: int = 2) -> np.ndarray:
+    """Submit a layer's record as a forward does: moments written, the gradient means to come."""
+    row = np.zeros(4 * channels + 1)
+    c = channels
+    pending = PendingGradient(row[2 * c : 3 * c], row[3 * c : 4 * c], row[4 * c :])
+    book.submit(name, Submission(8.0, row[:c], row[c : 2 * c], None, 2.0, pending))
+    return row
+
+
+def _backward_writes(row: np.ndarray, value: float, channels: int = 2) -> None:
+    """What psq's kernels do in a backward: write only into an open record."""
+    if row[-1] == 0:
+        row[2 * channels : 4 * channels] = value
+        row[-1] = 8.0
+
+
+def test_a_closing_step_collects_the_gradient_means_written_into_its_records():
+    book: StepBook[Submission, GradientSubmission] = StepBook(auto_step=False)
+    recorded = RecordedGradients()
+    a, b = _recorded(book, "a"), _recorded(book, "b")
+    _backward_writes(a, 1.0)
+    closed = recorded.collect(book.close())
+    assert list(closed.gradients) == ["a"] and closed.gradients["a"][0].count == 8.0
+    np.testing.assert_array_equal(closed.gradients["a"][0].dy, [1.0, 1.0])
+    # b's backward came after the close: it joins the next step with a forward, as a submitted gradient
+    _backward_writes(b, 2.0)
+    _recorded(book, "a")
+    later = recorded.collect(book.close())
+    assert list(later.gradients) == ["b"] and later.gradients["b"][0].dy[0] == 2.0
+
+
+def test_a_record_still_empty_a_step_later_is_sealed_and_a_replaced_forwards_record_is_kept():
+    book: StepBook[Submission, GradientSubmission] = StepBook(auto_step=False)
+    recorded = RecordedGradients()
+    never = _recorded(book, "a")  # a forward whose backward never runs (say, under no_grad)
+    recorded.collect(book.close())
+    _recorded(book, "b")
+    assert "a" not in recorded.collect(book.close()).gradients
+    assert never[-1] == -1  # sealed: a backward that comes now writes nothing
+    _backward_writes(never, 3.0)
+    assert never[4] == 0
+    first = _recorded(book, "c")  # a layer run twice in a step (activation checkpointing)
+    second = _recorded(book, "c")
+    _backward_writes(first, 4.0), _backward_writes(second, 5.0)
+    closed = recorded.collect(book.close())
+    assert [g.dy[0] for g in closed.gradients["c"]] == [4.0, 5.0]
+    moments = closed.entries["c"].mean  # the last forward's count
+    assert np.shares_memory(moments, second) and not np.shares_memory(moments, first)

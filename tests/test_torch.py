@@ -16,6 +16,7 @@ from torch import nn
 from torch.autograd.gradcheck import GradcheckError
 
 from broker import snapshot
+from psq import native
 from psq.loop import WorkerLoop
 from psq.stats import Moments, blend, unbiased_var
 from psq.torch import PSBatchNorm, convert_batchnorm, revert_batchnorm
@@ -63,24 +64,33 @@ class RecordingLoop(WorkerLoop):
         self.steps: list[dict[str, dict]] = [{}]
 
     def submit(self, name, stats) -> None:
-        self.steps[-1].setdefault(name, {})["images"] = stats.images
+        self.steps[-1].setdefault(name, {}).update(images=stats.images, submission=stats)
         super().submit(name, stats)
 
-    def submit_gradient(self, name, stats) -> None:
-        self.steps[-1].setdefault(name, {})["gradient"] = (stats.count, stats.dy.copy(), stats.dy_xhat.copy())
-        super().submit_gradient(name, stats)
-
     def flush(self, timeout_s: float = 10.0) -> bool:
+        for sent in self.steps[-1].values():  # what the backward wrote into the step's record
+            g = sent["submission"].gradient.written()
+            sent["gradient"] = (g.count, g.dy.copy(), g.dy_xhat.copy())
         done = super().flush(timeout_s)
         self.steps.append({})
         return done
 
 
-def test_gradient_statistics_reach_the_aggregator_and_its_history_is_what_the_workers_sent(cluster, tmp_path):
+@pytest.mark.parametrize("kernels", ["psq", "torch"])
+def test_gradient_statistics_reach_the_aggregator_and_its_history_is_what_the_workers_sent(cluster, tmp_path, kernels):
     """Two workers train through a real broker and aggregator, one push at a time in a known
     order; the aggregator's gradient history (its snapshot) equals a brute-force weighting of
     what the layers handed over: each batch's means weigh its count, halved every 20 images the
-    job sent after it."""
+    job sent after it.  On psq's kernels the backward writes the step's record itself; on
+    torch's (a GPU's path) the layer copies into it."""
+    was = native.set_enabled(kernels == "psq")
+    try:
+        _gradients_reach_the_aggregator(cluster, tmp_path)
+    finally:
+        native.set_enabled(was)
+
+
+def _gradients_reach_the_aggregator(cluster, tmp_path):
     snap = tmp_path / "shard.snap"
     c = cluster(1, "--half-life", "20", "--snapshot", str(snap), "--snapshot-interval-s", "3600")
     torch.manual_seed(0)

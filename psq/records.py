@@ -1,0 +1,115 @@
+"""A layer's statistics of one step, in one host row its forward and backward write and the loop reads.
+
+``[mean_b | var_b | dy | dy_xhat | state]``, ``C`` values each (the variance biased, the
+gradient means γ-free) and one, in the dtype of the step's statistics.  The forward writes the
+batch's moments; the backward, later, its gradient means and ``state`` (the elements per channel
+they average), unless the loop sealed the record first (:class:`psq.pushes.PendingGradient`).
+On the CPU psq's kernels write the row themselves (``psq_native::train``); elsewhere
+:class:`StepRecord` copies into it, on a GPU from the device without waiting (pinned memory,
+and CUDA events the push waits for).
+
+A layer takes a fresh row every step and the loop holds it until the step is answered, so
+nothing is copied at the hand-over.  Rows come :data:`ROWS_PER_BLOCK` at a time, their numpy
+views made together (:class:`StepRecords`): allocating a tensor and slicing five views costs a
+layer call more than its whole per-channel arithmetic at small shapes.  A block is never
+reused; the last of its submissions frees it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from psq.pushes import PendingGradient, Submission
+
+ROWS_PER_BLOCK = 32
+
+
+class StepRecord:
+    """One layer's record of one step: row ``index`` of ``block`` (see the module)."""
+
+    __slots__ = ("_landed", "_on_host", "_views", "block", "channels", "index")
+
+    def __init__(self, block: torch.Tensor, index: int, views: tuple, on_host: bool) -> None:
+        self.block, self.index, self.channels = block, index, (block.size(1) - 1) // 4
+        self._views, self._on_host = views, on_host
+        self._landed: list[torch.cuda.Event] = []  # copies from the device not known to have landed
+
+    def submission(self, count: float, images: float, gradient: bool) -> Submission:
+        """The record as the loop takes it: the moments, and where the gradient means will be
+        (if ``gradient``: the loop keeps this layer's)."""
+        mean, var, dy, dy_xhat, state = self._views
+        ready = None if self._on_host else self._ready
+        pending = PendingGradient(dy, dy_xhat, state, ready) if gradient else None
+        return Submission(count, mean, var, ready, images, pending)
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.block[self.index]
+
+    @property
+    def mean_b(self) -> torch.Tensor:
+        return self.values[: self.channels]
+
+    @property
+    def var_b(self) -> torch.Tensor:
+        return self.values[self.channels : 2 * self.channels]
+
+    def write_moments(self, mean_b: torch.Tensor, var_b: torch.Tensor) -> None:
+        """The batch's moments, from a step composed of torch's kernels."""
+        c = self.channels
+        self._copy(0, mean_b)
+        self._copy(c, var_b)
+        self._views[4][0] = 0  # open for the backward's gradient means
+
+    def write_gradient(self, count: float, dy: torch.Tensor, dy_xhat: torch.Tensor) -> None:
+        """The batch's gradient means (a :data:`psq.kernels.GradientSink`), unless written or sealed."""
+        state = self._views[4]
+        if state[0] != 0:
+            return
+        c = self.channels
+        self._copy(2 * c, dy)
+        self._copy(3 * c, dy_xhat)
+        state[0] = count  # on a GPU before the copies land: the push waits for them
+
+    def _copy(self, at: int, values: torch.Tensor) -> None:
+        target = self.values[at : at + self.channels]
+        if values.device.type == "cpu":
+            target.copy_(values.detach())
+            return
+        target.copy_(values.detach(), non_blocking=True)
+        landed = torch.cuda.Event()
+        landed.record()
+        self._landed.append(landed)
+
+    def _ready(self) -> bool:
+        """Whether every copy from the device has landed."""
+        while self._landed and self._landed[0].query():
+            self._landed.pop(0)
+        return not self._landed
+
+
+class StepRecords:
+    """Where a layer takes a fresh :class:`StepRecord` each step, for statistics of one dtype and device."""
+
+    __slots__ = ("_free", "channels", "device", "dtype")
+
+    def __init__(self, channels: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.channels, self.dtype, self.device = channels, dtype, device
+        self._free: list[StepRecord] = []
+
+    def take(self) -> StepRecord:
+        if not self._free:
+            self._free = self._block()
+        return self._free.pop()
+
+    def _block(self) -> list[StepRecord]:
+        c, on_host = self.channels, self.device.type == "cpu"
+        # rows are written by their step's forward before anyone reads them
+        block = torch.empty((ROWS_PER_BLOCK, 4 * c + 1), dtype=self.dtype, pin_memory=not on_host)
+        rows = block.numpy()
+        records = []
+        for i in reversed(range(ROWS_PER_BLOCK)):  # taken from the end: in order
+            r = rows[i]
+            views = (r[:c], r[c : 2 * c], r[2 * c : 3 * c], r[3 * c : 4 * c], r[4 * c :])
+            records.append(StepRecord(block, i, views, on_host))
+        return records
