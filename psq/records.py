@@ -27,12 +27,13 @@ ROWS_PER_BLOCK = 32
 class StepRecord:
     """One layer's record of one step: row ``index`` of ``block`` (see the module)."""
 
-    __slots__ = ("_landed", "_on_host", "_views", "block", "channels", "index")
+    __slots__ = ("_landed", "_moments", "_on_host", "_views", "block", "channels", "index")
 
     def __init__(self, block: torch.Tensor, index: int, views: tuple, on_host: bool) -> None:
         self.block, self.index, self.channels = block, index, (block.size(1) - 1) // 4
         self._views, self._on_host = views, on_host
         self._landed: list[torch.cuda.Event] = []  # copies from the device not known to have landed
+        self._moments: tuple[torch.Tensor, torch.Tensor] | None = None  # on the device, if copied from it
 
     def submission(self, count: float, images: float, gradient: bool) -> Submission:
         """The record as the loop takes it: the moments, and where the gradient means will be
@@ -47,12 +48,12 @@ class StepRecord:
         return self.block[self.index]
 
     @property
-    def mean_b(self) -> torch.Tensor:
-        return self.values[: self.channels]
-
-    @property
-    def var_b(self) -> torch.Tensor:
-        return self.values[self.channels : 2 * self.channels]
+    def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's mean and biased variance as tensors on the step's device."""
+        if self._moments is not None:
+            return self._moments
+        c, values = self.channels, self.values
+        return values[:c], values[c : 2 * c]
 
     def write_moments(self, mean_b: torch.Tensor, var_b: torch.Tensor) -> None:
         """The batch's moments, from a step composed of torch's kernels."""
@@ -60,6 +61,7 @@ class StepRecord:
         self._copy(0, mean_b)
         self._copy(c, var_b)
         self._views[4][0] = 0  # open for the backward's gradient means
+        self._moments = (mean_b, var_b)
 
     def write_gradient(self, count: float, dy: torch.Tensor, dy_xhat: torch.Tensor) -> None:
         """The batch's gradient means (a :data:`psq.kernels.GradientSink`), unless written or sealed."""

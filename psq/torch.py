@@ -199,7 +199,7 @@ class PSBatchNorm(_BatchNorm):
         y = apply(x, blend, record)
         self.loop.submit(self.name, record.submission(count, float(x.size(0)), self.keeps_gradient()))
         if h is None:  # no cluster statistics: keep running ones as nn.BatchNorm does
-            self._momentum_update(record.mean_b, record.var_b, count)
+            self._momentum_update(*record.moments, count)
         return y
 
     def _empty(self, x: torch.Tensor) -> torch.Tensor:
@@ -328,7 +328,7 @@ def _sync_forward(layer: PSBatchNorm, x: torch.Tensor, count: float, apply: Appl
         if count == 1:
             raise _one_value_error(x)
         y = apply(x, Blend(), record)
-        layer._momentum_update(record.mean_b, record.var_b, count)
+        layer._momentum_update(*record.moments, count)
         return y
     pooled = Moments(
         float(answer[0].count), np.asarray(answer[0].mean, np.float64), np.asarray(answer[0].var, np.float64)
