@@ -1,7 +1,9 @@
 """PSBatchNorm's training step: on the CPU psq's own kernels, elsewhere torch's fused ones.
 
-On the CPU the forward and the backward are one call each to :mod:`psq.native` (C++: a
-per-channel reduction, then one pass over the elements), the formulas below fused.  Elsewhere,
+On the CPU the whole step is one autograd operator of :mod:`psq.native` (:func:`fused_step`;
+C++, forward and backward each a per-channel reduction then one pass over the elements, the
+formulas below fused), or, where that does not apply, :class:`BlendedNorm` calling its forward
+and backward operators.  Elsewhere,
 or where those cannot be built, the step is composed of torch's native batch-norm kernels.
 There the forward is three kernels: ``torch.batch_norm_update_stats`` for the batch's mean and
 **biased** variance (one pass, no output), four per-channel operations for the blend with the

@@ -10,7 +10,9 @@ synchronous training script)::
 or inside the trainer's own asyncio loop (``async with WorkerLoop(...) as loop:``).
 
 Layers (see :mod:`psq.torch`) ``submit`` their batch statistics to the current step without
-waiting, and ``submit_gradient`` the statistics of their backward pass; a step closes when
+waiting, and the statistics of their backward pass either with ``submit_gradient`` or, as
+psq's layers do, by writing them later where their submission says
+(:class:`~psq.pushes.PendingGradient`: the closing step collects them); a step closes when
 ``step()`` is called, or by itself when a layer submits a second time, and is pushed in the
 background: one message per shard, all layers and their gradients in it.  Steps that close
 within ``push_interval_s`` (default 50 ms) of the last message wait in an outbox (a list, under

@@ -1,7 +1,7 @@
 """psq's CPU kernels (``psq/native.cpp``): the training step's forward and backward, each one call.
 
 They are compiled with the machine's C++ compiler against the installed torch on first use
-(about 15 s, once: the build is cached under torch's extension directory, ``TORCH_EXTENSIONS_DIR``
+(about 40 s, once: the build is cached under torch's extension directory, ``TORCH_EXTENSIONS_DIR``
 if set, one build per torch version), or ahead with ``python -m psq.native``.  Where they cannot
 be built or loaded, psq says why once in the log and runs the same step on torch's own kernels
 (:mod:`psq.kernels`); so it does on other devices.
@@ -72,7 +72,7 @@ def _build() -> Any:
     directory = build_directory()
     directory.mkdir(parents=True, exist_ok=True)
     if not any(directory.glob("psq_native*.so")):
-        log.info("building psq's CPU kernels into %s (once, about 15 s)", directory)
+        log.info("building psq's CPU kernels into %s (once, about 40 s)", directory)
     load(
         name="psq_native",
         sources=[str(SOURCE)],
