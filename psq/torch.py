@@ -136,6 +136,10 @@ class PSBatchNorm(_BatchNorm):
         self.origin: type[nn.Module] | None = None  # the class convert_batchnorm replaced
         self._input_dims: int | None = None
         self._history: _DeviceHistory | None = None
+        # Training forwards not yet in num_batches_tracked: a tensor add per layer call costs as
+        # much as the small shapes' whole arithmetic, so the count joins the buffer when read
+        # (attribute access, state dicts, eval()), exactly as nn.BatchNorm keeps it.
+        self._untracked_batches = 0
         self._record: StepRecord | None = None  # the last training step's
         self._records: StepRecords | None = None
         self._op = ops.register(self)  # how torch.compile's operators find this layer
@@ -151,6 +155,23 @@ class PSBatchNorm(_BatchNorm):
         )
         return f"{super().extra_repr()}, {psq}"
 
+    def __getattr__(self, name: str) -> Any:
+        # buffers are looked up here (nn.Module keeps them out of __dict__)
+        if name == "num_batches_tracked" and self.__dict__.get("_untracked_batches"):
+            self._track_batches()
+        return super().__getattr__(name)
+
+    def _track_batches(self) -> None:
+        untracked, self.__dict__["_untracked_batches"] = self.__dict__.get("_untracked_batches", 0), 0
+        tracked = self._buffers.get("num_batches_tracked")
+        if untracked and tracked is not None:
+            with torch.no_grad():
+                tracked.add_(untracked)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        self._track_batches()  # the loaded count replaces the buffer, pending forwards included
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def __getstate__(self) -> dict[str, Any]:
         # A copy of the model (deepcopy, pickle) carries no threads or sockets.
         state = super().__getstate__()
@@ -158,6 +179,7 @@ class PSBatchNorm(_BatchNorm):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("_untracked_batches", 0)  # a layer pickled before the count existed
         self._op = ops.register(self)  # a copy is another layer to the operators
 
     def train(self, mode: bool = True) -> PSBatchNorm:
@@ -178,8 +200,8 @@ class PSBatchNorm(_BatchNorm):
             return self._empty(x)
         if torch.compiler.is_compiling():  # the loop's work runs in one operator
             return ops.train_forward(x, self.weight, self.bias, self._op)[0]
-        if self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
+        if self.track_running_stats:  # counted here, added to the buffer when it is read
+            self.__dict__["_untracked_batches"] += 1
         return self.train_step(x, self._eager)
 
     def train_step(self, x: torch.Tensor, apply: Apply) -> torch.Tensor:
@@ -290,6 +312,7 @@ class PSBatchNorm(_BatchNorm):
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         self._fill_buffers()
+        self._track_batches()
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _momentum_update(self, mean: torch.Tensor, var: torch.Tensor, count: float) -> None:

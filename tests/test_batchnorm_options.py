@@ -242,3 +242,27 @@ def test_an_uninitialized_lazy_batch_norm_is_refused_with_what_to_do():
     lazy = nn.Sequential(nn.LazyBatchNorm2d())
     lazy(torch.randn(2, 5, 3, 3))
     assert convert_batchnorm(lazy, None)[0].num_features == 5
+
+
+def test_num_batches_tracked_counts_every_training_forward_as_torchs_does():
+    """psq counts training forwards in Python and adds them to the buffer when it is read: the
+    attribute, a state dict, a copy, a loaded state dict and momentum=None all see torch's count.
+    (A loop that never started: no history, so the running buffers are torch's averages.)"""
+    loop = WorkerLoop("tcp://127.0.0.1:9", job="count", worker="w0")
+    bn = nn.BatchNorm2d(3, momentum=None)
+    ps = convert_batchnorm(copy.deepcopy(bn), loop)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        x = torch.randn(4, 3, 5, 5, generator=gen)
+        bn(x), ps(x)
+    assert int(ps.num_batches_tracked) == int(bn.num_batches_tracked) == 4
+    torch.testing.assert_close(ps.running_mean, bn.running_mean)  # the cumulative average: the count read right
+    torch.testing.assert_close(ps.running_var, bn.running_var)
+    for _ in range(2):
+        ps(torch.randn(4, 3, 5, 5, generator=gen))
+    assert int(copy.deepcopy(ps).state_dict()["num_batches_tracked"]) == 6
+    state = {**ps.state_dict(), "num_batches_tracked": torch.tensor(100)}
+    ps(torch.randn(4, 3, 5, 5, generator=gen))  # counted, then replaced by the loaded count
+    ps.load_state_dict(state)
+    ps(torch.randn(4, 3, 5, 5, generator=gen))
+    assert int(ps.state_dict()["num_batches_tracked"]) == 101
