@@ -199,9 +199,9 @@ def fused_step(
     taken from ``history``, the layer's ``[mean | var | dy | dy_xhat]`` rows).  It writes the
     batch's moments into row ``index`` of ``records`` (:class:`psq.records.StepRecord`), and,
     if ``keep_gradient``, the backward its gradient means."""
-    if x.device.type != "cpu" or x.dtype not in FLOAT_STATS or (blend.share and history is None):
-        return None
     dtype = x.dtype
+    if not x.is_cpu or dtype not in FLOAT_STATS or (blend.share and history is None):
+        return None
     if (weight is not None and weight.dtype != dtype) or (bias is not None and bias.dtype != dtype):
         return None
     fused = native.ops()

@@ -27,21 +27,26 @@ ROWS_PER_BLOCK = 32
 class StepRecord:
     """One layer's record of one step: row ``index`` of ``block`` (see the module)."""
 
-    __slots__ = ("_landed", "_moments", "_on_host", "_views", "block", "channels", "index")
+    __slots__ = ("_landed", "_moments", "_pending", "_views", "block", "channels", "index")
 
     def __init__(self, block: torch.Tensor, index: int, views: tuple, on_host: bool) -> None:
         self.block, self.index, self.channels = block, index, (block.size(1) - 1) // 4
-        self._views, self._on_host = views, on_host
+        self._views = views
+        # on the host, made once; with a device (a ready check of its own) per step, so that
+        # a record holds no bound method of itself (a cycle only the garbage collector frees)
+        self._pending = PendingGradient(*views[2:]) if on_host else None
         self._landed: list[torch.cuda.Event] = []  # copies from the device not known to have landed
         self._moments: tuple[torch.Tensor, torch.Tensor] | None = None  # on the device, if copied from it
 
     def submission(self, count: float, images: float, gradient: bool) -> Submission:
         """The record as the loop takes it: the moments, and where the gradient means will be
         (if ``gradient``: the loop keeps this layer's)."""
-        mean, var, dy, dy_xhat, state = self._views
-        ready = None if self._on_host else self._ready
-        pending = PendingGradient(dy, dy_xhat, state, ready) if gradient else None
-        return Submission(count, mean, var, ready, images, pending)
+        views, pending = self._views, self._pending
+        if pending is not None:  # on the host
+            return Submission(count, views[0], views[1], None, images, pending if gradient else None)
+        ready = self._ready
+        pending = PendingGradient(*views[2:], ready) if gradient else None
+        return Submission(count, views[0], views[1], ready, images, pending)
 
     @property
     def values(self) -> torch.Tensor:

@@ -246,7 +246,8 @@ class PSBatchNorm(_BatchNorm):
     def _eager(self, x: torch.Tensor, blend: Blend, record: StepRecord) -> torch.Tensor:
         keep, held = self.keeps_gradient(), self._history
         rows = held.rows if held is not None and blend.mean is held.mean else None  # sync's blend: not the history
-        weight, bias = self.weight, self.bias
+        params = self._parameters  # not through nn.Module's __getattr__: a layer call reads them twice
+        weight, bias = params.get("weight"), params.get("bias")
         y = fused_step(x, weight, bias, rows, blend, self.eps, self.gradient, record.block, record.index, keep)
         if y is not None:
             return y
