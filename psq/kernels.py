@@ -164,7 +164,7 @@ def gradients(
             g, x, weight, mean, var, saved.mean_b, saved.var_b, _MODES.index(mode), blend.share,
             blend.gradient_share, blend.dy, blend.dy_xhat, eps, True,
         )  # fmt: skip
-        if sink is not None and mode in ("batch", "cluster"):  # the means the cluster keeps
+        if sink is not None and mode in KEPT_MODES:
             sink(float(_elements(x)), dy, dy_xhat)
         return grad_x, grad_w, grad_b
     if mode == "renorm":
@@ -178,7 +178,7 @@ def gradients(
 
 # psq.native's numbering of the backwards
 _MODES = ("batch", "cluster", "exact", "renorm")
-_KEPT = (0, 1)  # the backwards whose gradient means are the batch's own: those the cluster keeps
+KEPT_MODES = ("batch", "cluster")  # the backwards whose gradient means the cluster keeps
 
 
 def fused_step(
@@ -207,9 +207,9 @@ def fused_step(
     fused = native.ops()
     if fused is None:
         return None
-    mode = _MODES.index(backward_mode(gradient, blend))
+    name = backward_mode(gradient, blend)
+    mode, keep = _MODES.index(name), keep_gradient and name in KEPT_MODES
     share, gradient_share = blend.share, blend.gradient_share
-    keep = keep_gradient and mode in _KEPT
     return fused.train(x, weight, bias, history, records, index, share, gradient_share, eps, mode, keep)
 
 

@@ -1,10 +1,11 @@
-// PSBatchNorm's training step on the CPU as two operators, forward and backward: each one call
-// from Python, two passes over the data (a per-channel reduction, then one per-element pass).
+// PSBatchNorm's training step on the CPU: one autograd operator (train), and its forward and
+// backward as operators of their own (for the compiled path and the tests); each pass over the
+// data is two (a per-channel reduction, then one per-element pass).
 //
 // Every formula is psq.kernels' (which documents them) and psq.stats'; this file only fuses
 // them.  Per-channel arithmetic is in double; per-element arithmetic in the input's dtype, as
 // torch's own CPU kernels do.  Variances are biased.  Inputs are (N, C, ...) in float32 or
-// float64, contiguous or channels-last; psq.native checks that before calling.
+// float64, contiguous or channels-last; each operator checks its inputs (check_input, check_train).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -12,6 +13,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <tuple>
 #include <vector>
@@ -477,15 +479,23 @@ struct Record {
 
 void check_train(const Tensor& x, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
                  const c10::optional<Tensor>& history, const Tensor& records, int64_t index, double share,
-                 int64_t mode) {
+                 double gradient_share, double eps, int64_t mode, bool keep_gradient) {
   check_input(x, "x");
   const int64_t C = x.size(1);
   for (auto [t, what] : {std::pair{&weight, "weight"}, {&bias, "bias"}}) {
     check_channels(*t, C, what);
     if (t->has_value() && (*t)->defined())
-      TORCH_CHECK((*t)->scalar_type() == x.scalar_type() && (*t)->is_contiguous(), "psq_native: ", what,
-                  " must be contiguous in x's dtype");
+      TORCH_CHECK((*t)->scalar_type() == x.scalar_type() && (*t)->is_contiguous() && (*t)->device().is_cpu(),
+                  "psq_native: ", what, " must be contiguous on the CPU in x's dtype");
   }
+  // autograd numbers only the tensors given: a bias without a weight would take the weight's place
+  TORCH_CHECK((weight.has_value() && weight->defined()) || !(bias.has_value() && bias->defined()),
+              "psq_native: a bias needs a weight");
+  TORCH_CHECK(share >= 0.0 && share <= 1.0 && gradient_share >= 0.0 && gradient_share <= 1.0,
+              "psq_native: the shares must be in [0, 1], got ", share, " and ", gradient_share);
+  TORCH_CHECK(eps >= 0.0 && std::isfinite(eps), "psq_native: eps must be a non-negative number, got ", eps);
+  TORCH_CHECK(!keep_gradient || mode == kBatch || mode == kCluster,
+              "psq_native: only the batch and cluster backwards keep their gradient means");
   const bool has_history = history.has_value() && history->defined();
   TORCH_CHECK(share == 0.0 || has_history, "psq_native: a share of history needs the history");
   if (has_history)
@@ -526,14 +536,16 @@ class Train : public torch::autograd::Function<Train> {
                         const Tensor& records, int64_t index, double share, double gradient_share, double eps,
                         int64_t mode, bool keep_gradient) {
     at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->set_materialize_grads(false);  // no gradient from downstream: none here, no record written
     const int64_t C = x.size(1);
     Moments m;
-    Tensor y = train_forward(x, weight, bias, history, Record{records, index, C}, share, eps, m);
+    const Tensor xc = channels_last(x) ? x : x.contiguous();  // one copy of a strided input, for both
+    Tensor y = train_forward(xc, weight, bias, history, Record{records, index, C}, share, eps, m);
     Tensor moments = at::empty({4, C}, x.options().dtype(at::kDouble));
     double* p = moments.data_ptr<double>();
     for (const Per* v : {&m.mean, &m.var, &m.mean_b, &m.var_b}) p = std::copy(v->begin(), v->end(), p);
     const Tensor w = weight.has_value() ? *weight : Tensor();
-    ctx->save_for_backward({channels_last(x) ? x : x.contiguous(), w, moments});
+    ctx->save_for_backward({xc, w, moments});
     ctx->saved_data["history"] = history.has_value() ? *history : Tensor();
     ctx->saved_data["records"] = keep_gradient ? records : Tensor();
     ctx->saved_data["index"] = index;
@@ -546,6 +558,10 @@ class Train : public torch::autograd::Function<Train> {
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "psq_native::train is differentiable once: for a double backward (create_graph=True), "
+                "run the step on torch's kernels (psq.native.set_enabled(False))");
+    if (!grads[0].defined()) return torch::autograd::variable_list(11);
     const auto saved = ctx->get_saved_variables();
     const Tensor& x = saved[0];
     const Tensor& weight = saved[1];
@@ -555,7 +571,7 @@ class Train : public torch::autograd::Function<Train> {
     const Tensor history = ctx->saved_data["history"].toTensor();
     const c10::optional<Tensor> h = history.defined() ? c10::optional<Tensor>(history) : c10::nullopt;
     const int64_t mode = ctx->saved_data["mode"].toInt();
-    const Tensor g = like(grads[0].defined() ? grads[0] : at::zeros_like(x), x);
+    const Tensor g = like(grads[0], x);
     const Gradients out = backward_core(
         g, x, weight.defined() ? values(weight, C) : Per(C, 1.0), m, mode, ctx->saved_data["share"].toDouble(),
         ctx->saved_data["gradient_share"].toDouble(), mode == kCluster ? history_row(h, 2, C) : Per(C, 0.0),
@@ -564,6 +580,7 @@ class Train : public torch::autograd::Function<Train> {
     const Record record{ctx->saved_data["records"].toTensor(), ctx->saved_data["index"].toInt(), C};
     if (record.records.defined() && record.state() == 0.0) {  // the first backward of an open record
       record.write(2, out.dy, out.dy_xhat);
+      std::atomic_thread_fence(std::memory_order_release);  // the means before the state that says so
       record.set_state(layout_of(x).count());
     }
     const bool affine = weight.defined();
@@ -577,7 +594,7 @@ class Train : public torch::autograd::Function<Train> {
 Tensor train(const Tensor& x, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
              const c10::optional<Tensor>& history, const Tensor& records, int64_t index, double share,
              double gradient_share, double eps, int64_t mode, bool keep_gradient) {
-  check_train(x, weight, bias, history, records, index, share, mode);
+  check_train(x, weight, bias, history, records, index, share, gradient_share, eps, mode, keep_gradient);
   return Train::apply(x, weight, bias, history, records, index, share, gradient_share, eps, mode, keep_gradient);
 }
 
@@ -585,7 +602,7 @@ Tensor train(const Tensor& x, const c10::optional<Tensor>& weight, const c10::op
 Tensor train_no_grad(const Tensor& x, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
                      const c10::optional<Tensor>& history, const Tensor& records, int64_t index, double share,
                      double gradient_share, double eps, int64_t mode, bool keep_gradient) {
-  check_train(x, weight, bias, history, records, index, share, mode);
+  check_train(x, weight, bias, history, records, index, share, gradient_share, eps, mode, keep_gradient);
   Moments m;
   return train_forward(x, weight, bias, history, Record{records, index, x.size(1)}, share, eps, m);
 }

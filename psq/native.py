@@ -1,4 +1,4 @@
-"""psq's CPU kernels (``psq/native.cpp``): the training step's forward and backward, each one call.
+"""psq's CPU kernels (``psq/native.cpp``): the training step as one autograd operator, and its halves.
 
 They are compiled with the machine's C++ compiler against the installed torch on first use
 (about 40 s, once: the build is cached under torch's extension directory, ``TORCH_EXTENSIONS_DIR``

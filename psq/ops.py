@@ -47,8 +47,8 @@ def train_forward(
     x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, layer: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The layer's training forward: ``y``, the blended and the batch's mean and biased
-    variance, and the two shares ``(share, gradient_share)`` the step blended with (float64, on
-    the host)."""
+    variance, and ``(share, gradient_share, ticket)``: the shares the step blended with and the
+    ticket of its record (:meth:`PSBatchNorm.ticket`), float64 on the host."""
     module = _layer(layer)
     used: list[tuple[Saved, Blend]] = []
 
@@ -64,7 +64,7 @@ def train_forward(
     saved, blend = used[-1]
     # An operator's outputs may not alias each other: with no history the blend is the batch's.
     mean, var = (saved.mean.clone(), saved.var.clone()) if saved.mean is saved.mean_b else (saved.mean, saved.var)
-    shares = torch.tensor([blend.share, blend.gradient_share], dtype=torch.float64)
+    shares = torch.tensor([blend.share, blend.gradient_share, module.ticket()], dtype=torch.float64)
     return y, mean, var, saved.mean_b, saved.var_b, shares
 
 
@@ -72,7 +72,7 @@ def train_forward(
 def _(x: torch.Tensor, *_: Any) -> tuple[torch.Tensor, ...]:
     dtype = x.dtype if x.dtype in FLOAT_STATS else torch.float32
     stats = [x.new_empty(x.size(1), dtype=dtype) for _ in range(4)]
-    return _like(x), *stats, torch.empty(2, dtype=torch.float64)
+    return _like(x), *stats, torch.empty(3, dtype=torch.float64)
 
 
 @torch.library.custom_op("psq::train_backward", mutates_args=())
@@ -89,12 +89,13 @@ def train_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradients of input, γ and β (γ's and β's in the statistics' dtype)."""
     module = _layer(layer)
-    share, gradient_share = shares.tolist()
+    share, gradient_share, ticket = shares.tolist()
     h = module.device_history
     blend = Blend(share, gradient_share=gradient_share, dy=h.dy, dy_xhat=h.dy_xhat) if h else Blend(share)
     xs = x if x.dtype in FLOAT_STATS else x.float()
     saved = Saved(xs, mean, var, mean_b, var_b)
-    grad_x, grad_w, grad_b = gradients(g, saved, weight, blend, module.eps, module.gradient, module.gradient_sink())
+    sink = module.gradient_sink(int(ticket))
+    grad_x, grad_w, grad_b = gradients(g, saved, weight, blend, module.eps, module.gradient, sink)
     return grad_x.to(x.dtype), grad_w, grad_b
 
 

@@ -94,38 +94,47 @@ class LayerHistory:
     seen: float = 0.0  # images that ever arrived for this layer, from every worker
 
 
+# Closes an empty record may wait for its backward: a layer run several times before one
+# backward (a shared block, an unrolled loop) closes a step at each run (auto_step).
+RECORD_WAIT_STEPS = 16
+
+
 class RecordedGradients:
     """Collects, as each step closes, the gradient means its layers' backwards wrote into their
-    step records.  A record still empty then (the step was closed between a forward and its
-    backward) waits for the next step with a forward, as a submitted gradient does
-    (:meth:`psq.steps.StepBook.submit_gradient`), and is sealed if still empty.
+    step records.  A record still empty then (its backward has not run: the step was closed
+    between a forward and its backward, or the layer ran again first) waits, and joins the
+    first step with a forward that closes after its backward; still empty after
+    :data:`RECORD_WAIT_STEPS` closes (a forward without a backward), it is sealed.
 
-    The trainer's thread calls it, under the loop's lock, between one layer call and the next:
-    a backward on the CPU runs on that thread too, so a record is never written while read.
+    Called under the loop's lock by whatever closes a step.  A step is closed by a layer's
+    forward, ``step()`` or a flush: on the thread that runs the backwards (on the CPU autograd
+    runs them on the caller's thread), or after them; psq's kernels write a record's state after
+    its means, so a record read as written is complete.
     """
 
     def __init__(self) -> None:
-        self._waiting: list[tuple[str, PendingGradient]] = []
+        self._waiting: list[tuple[str, PendingGradient, int]] = []
 
     def collect(self, step: ClosedStep[Submission, GradientSubmission]) -> ClosedStep[Submission, GradientSubmission]:
-        """``step`` with the gradient means written into its records (and the late ones of the step before)."""
+        """``step`` with the gradient means written into its records (and into earlier steps'
+        records since the last close)."""
         gradients = {name: list(gs) for name, gs in step.gradients.items()}
         waiting = []
-        ours = [(name, s.gradient) for name, s in _submissions(step) if s.gradient is not None]
-        for late, (name, pending) in [(True, w) for w in self._waiting] + [(False, o) for o in ours]:
+        ours = [(name, s.gradient, 0) for name, s in _submissions(step) if s.gradient is not None]
+        for name, pending, waited in [*self._waiting, *ours]:
             written = pending.written()
             if written is not None:
                 gradients.setdefault(name, []).append(written)
-            elif late:
+            elif waited >= RECORD_WAIT_STEPS:
                 pending.seal()
             else:
-                waiting.append((name, pending))
+                waiting.append((name, pending, waited + 1))
         self._waiting = waiting
         return ClosedStep(step.number, step.entries, gradients)
 
     def clear(self) -> None:
         """Seal and forget every record waiting (the loop closes)."""
-        for _, pending in self._waiting:
+        for _, pending, _ in self._waiting:
             pending.seal()
         self._waiting = []
 

@@ -9,9 +9,10 @@ Function; tests check it against :func:`psq.stats.blend`), the history weighing 
 ``history_weight`` (:func:`psq.stats.blend_weight`).  The backward has batch statistics of its
 own, the per-channel means of ``∂L/∂y`` and ``∂L/∂y·x̂`` (:class:`psq.stats.GradientMeans`):
 by default (``gradient="cluster"``) they too are blended with the cluster's history of them,
-weighing at most ``gradient_history_weight``, and the batch's are handed to the loop from the
-backward, without waiting.  Both histories are constants for autograd.  With no history yet,
-or ``history_weight=0``, the layer is exactly ``nn.BatchNorm``, forward and backward.
+weighing at most ``gradient_history_weight``, and the backward writes the batch's into the
+step's record the loop reads (:mod:`psq.records`), without waiting.  Both histories are
+constants for autograd.  With no history yet, or ``history_weight=0``, the layer is exactly
+``nn.BatchNorm``, forward and backward.
 
 In evaluation, it normalizes with ``running_mean`` / ``running_var``, which hold the cluster's
 history (variance in torch's unbiased convention), not a per-worker average: a checkpoint
@@ -44,6 +45,7 @@ from psq.stats import GRADIENTS, Moments, blend_weight, remove, unbiased_var, wa
 # Defaults chosen on digits settings (a) and (b), then checked on (c), (d) and a ResNet: docs/accuracy.md.
 DEFAULT_HISTORY_WEIGHT = 0.9
 DEFAULT_WARMUP_IMAGES = 1024.0
+TICKETS_KEPT = 64  # compiled steps' records a backward can still find (PSBatchNorm.ticket)
 # A training step's normalization: writes the batch's moments into the record, returns y
 Apply = Callable[[torch.Tensor, "Blend", StepRecord], torch.Tensor]
 _BY_DIMS = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
@@ -137,8 +139,10 @@ class PSBatchNorm(_BatchNorm):
         self._input_dims: int | None = None
         self._history: _DeviceHistory | None = None
         # Training forwards not yet in num_batches_tracked: a tensor add per layer call costs as
-        # much as the small shapes' whole arithmetic, so the count joins the buffer when read
-        # (attribute access, state dicts, eval()), exactly as nn.BatchNorm keeps it.
+        # much as the small shapes' whole arithmetic, so the count joins the buffer when it is
+        # read through the layer (the attribute, state dicts, train()/eval(), .to()); iterating
+        # buffers() directly, or DDP's buffer broadcast (psq models pass ddp_buffer_sync(False)),
+        # sees it as of the last such read.
         self._untracked_batches = 0
         self._record: StepRecord | None = None  # the last training step's
         self._records: StepRecords | None = None
@@ -168,6 +172,15 @@ class PSBatchNorm(_BatchNorm):
             with torch.no_grad():
                 tracked.add_(untracked)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "num_batches_tracked":  # a count set anew: the forwards before it are in it
+            self.__dict__["_untracked_batches"] = 0
+        super().__setattr__(name, value)
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> PSBatchNorm:
+        self._track_batches()  # before the buffer is replaced by its converted copy
+        return super()._apply(fn, *args, **kwargs)
+
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         self._track_batches()  # the loaded count replaces the buffer, pending forwards included
         super()._load_from_state_dict(state_dict, prefix, *args)
@@ -175,14 +188,16 @@ class PSBatchNorm(_BatchNorm):
     def __getstate__(self) -> dict[str, Any]:
         # A copy of the model (deepcopy, pickle) carries no threads or sockets.
         state = super().__getstate__()
-        return {**state, "loop": None, "_history": None, "_record": None, "_records": None}
+        return {**state, "loop": None, "_history": None, "_record": None, "_records": None, "_tickets": {}}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self.__dict__.setdefault("_untracked_batches", 0)  # a layer pickled before the count existed
+        for key, default in (("_untracked_batches", 0), ("_record", None), ("_records", None)):
+            self.__dict__.setdefault(key, default)  # a layer pickled before these existed
         self._op = ops.register(self)  # a copy is another layer to the operators
 
     def train(self, mode: bool = True) -> PSBatchNorm:
+        self._track_batches()
         if not mode:  # evaluation uses the freshest cluster statistics, whatever DDP broadcast
             self._fill_buffers()
         return super().train(mode)
@@ -206,7 +221,7 @@ class PSBatchNorm(_BatchNorm):
 
     def train_step(self, x: torch.Tensor, apply: Apply) -> torch.Tensor:
         """A training forward with the loop: find what to blend with, normalize with ``apply``,
-        hand the batch's statistics to the loop (the backward's from the backward)."""
+        hand the batch's statistics to the loop (the backward's into the step's record)."""
         assert self.loop is not None
         count = float(x.numel() // x.size(1))
         if self.loop.mode == "sync":
@@ -265,9 +280,20 @@ class PSBatchNorm(_BatchNorm):
         """Whether the loop keeps this layer's gradient means: for the cluster gradient."""
         return self.gradient == "cluster" and self.loop is not None and self.loop.mode == "async"
 
-    def gradient_sink(self) -> GradientSink | None:
-        """Where a backward of the last training step writes its gradient means, if they are kept."""
-        record = self._record
+    def ticket(self) -> int:
+        """A number for the last training step's record, by which a compiled backward finds it
+        (:mod:`psq.ops`: its operators see tensors, not the record).  The last
+        :data:`TICKETS_KEPT` are kept: forwards run ahead of their backwards by fewer."""
+        tickets = self.__dict__.setdefault("_tickets", {})
+        number = self.__dict__["_next_ticket"] = self.__dict__.get("_next_ticket", 0) + 1
+        tickets[number] = self._record
+        if len(tickets) > TICKETS_KEPT:
+            del tickets[next(iter(tickets))]
+        return number
+
+    def gradient_sink(self, ticket: int) -> GradientSink | None:
+        """Where the backward of the step ``ticket`` names writes its gradient means, if they are kept."""
+        record = self.__dict__.get("_tickets", {}).get(ticket)
         return record.write_gradient if record is not None and self.keeps_gradient() else None
 
     def _fresh_history(self, x: torch.Tensor) -> _DeviceHistory | None:

@@ -24,6 +24,9 @@ import zmq
 from psq.status import StatusError, query
 
 EXIT_TIMEOUT_S = 5.0
+# torch.compile's cache in a folder of the test session's own: its key does not cover a custom
+# operator's fake kernel, so a graph compiled against an older psq would be reused
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="psq-inductor-"))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -189,7 +189,7 @@ def _records(c: int, dtype: torch.dtype, rows: int = 3) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("shape,fmt", LAYOUTS[:4])
+@pytest.mark.parametrize("shape,fmt", LAYOUTS)
 @pytest.mark.parametrize("gradient,gradient_share", BACKWARDS)
 def test_the_one_operator_step_equals_the_composed_step_and_fills_its_record(
     shape, fmt, dtype, gradient, gradient_share, composed
@@ -246,6 +246,37 @@ def test_a_record_takes_its_first_backward_and_none_once_sealed() -> None:
     assert float(records[1, -1]) == -1 and records[1, 6:12].isnan().all()
 
 
+def test_no_gradient_from_downstream_gives_none_and_writes_no_record() -> None:
+    """A branch whose gradient is None (here a Function that returns none for its input): batch
+    norm's input gets no gradient, and no gradient means of zeros reach the cluster."""
+
+    class Cut(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, y):
+            return y.sum().detach().requires_grad_()
+
+        @staticmethod
+        def backward(ctx, g):
+            return None
+
+    x, _, weight, bias, h = _case((4, 3, 5, 5), torch.contiguous_format, torch.float64)
+    rows = torch.stack([h.mean, h.var, h.dy, h.dy_xhat])
+    records = _records(3, torch.float64)
+    leaf = x.clone().requires_grad_()
+    y = fused_step(leaf, weight, bias, rows, h, 1e-5, "cluster", records, 0, keep_gradient=True)
+    (Cut.apply(y) + leaf.sum()).backward()
+    torch.testing.assert_close(leaf.grad, torch.ones_like(x))  # only the direct path's
+    assert float(records[0, -1]) == 0 and records[0, 6:12].isnan().all()
+
+
+def test_a_double_backward_is_refused_with_what_to_do() -> None:
+    x, _, weight, bias, _ = _case((4, 3, 5, 5), torch.contiguous_format, torch.float64)
+    leaf = x.clone().requires_grad_()
+    y = fused_step(leaf, weight, bias, None, Blend(), 1e-5, "cluster", _records(3, torch.float64), 0, False)
+    with pytest.raises(RuntimeError, match=r"differentiable once.*set_enabled\(False\)"):
+        torch.autograd.grad(y.pow(2).sum(), leaf, create_graph=True)
+
+
 def test_gradcheck_of_the_one_operator_step_with_the_history_constant() -> None:
     x, _, weight, bias, h = _case((3, 2, 3, 2), torch.contiguous_format, torch.float64)
     rows = torch.stack([h.mean, h.var, h.dy, h.dy_xhat])
@@ -273,3 +304,22 @@ def test_the_one_operator_step_refuses_records_it_cannot_write(records, index, m
         native.ops().train(x, None, None, None, records, index, 0.0, 0.0, 1e-5, 0, False)
     with pytest.raises(RuntimeError, match="needs the history"):
         native.ops().train(x, None, None, None, torch.zeros(2, 13), 0, 0.5, 0.0, 1e-5, 0, False)
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(weight=None, bias=torch.zeros(3)), "a bias needs a weight"),
+        (dict(share=1.5), r"shares must be in \[0, 1\]"),
+        (dict(eps=-1.0), "eps must be a non-negative number"),
+        (dict(mode=2, keep=True), "only the batch and cluster backwards keep"),
+    ],
+)
+def test_the_one_operator_step_refuses_arguments_it_cannot_honour(change, message) -> None:
+    x, rows = torch.randn(4, 3, 5, 5), torch.ones(4, 3)
+    args = dict(weight=torch.ones(3), bias=torch.zeros(3), share=0.5, eps=1e-5, mode=0, keep=False) | change
+    with pytest.raises(RuntimeError, match=message):
+        native.ops().train(
+            x, args["weight"], args["bias"], rows, torch.zeros(2, 13), 0, args["share"], 0.0, args["eps"],
+            args["mode"], args["keep"],
+        )  # fmt: skip

@@ -15,7 +15,14 @@ import pytest
 from psq.counters import LoopCounters
 from psq.inflight import InFlight
 from psq.loop_thread import MAX_SKIPPED_POLLS, FewReleasesSelector, LoopThread, run_threadsafe
-from psq.pushes import GradientSubmission, PendingGradient, RecordedGradients, Submission, pooled_moments
+from psq.pushes import (
+    RECORD_WAIT_STEPS,
+    GradientSubmission,
+    PendingGradient,
+    RecordedGradients,
+    Submission,
+    pooled_moments,
+)
 from psq.stats import Moments
 from psq.steps import ClosedStep, ExchangeSteps, StepBook
 
@@ -234,12 +241,17 @@ def test_steps_sent_in_one_message_pool_each_layers_moments_and_images():
     assert images == {"a": 4.0}  # b's submissions name no images: each element counts as one
 
 
-def _recorded(book: StepBook, name: str, channels: int = 2) -> np.ndarray:
-    """Submit a layer's record as a forward does: moments written, the gradient means to come."""
-    row = np.zeros(4 * channels + 1)
-    c = channels
+def _record(channels: int = 2) -> tuple[np.ndarray, Submission]:
+    """A layer's record as a forward leaves it: moments written, the gradient means to come."""
+    row, c = np.zeros(4 * channels + 1), channels
     pending = PendingGradient(row[2 * c : 3 * c], row[3 * c : 4 * c], row[4 * c :])
-    book.submit(name, Submission(8.0, row[:c], row[c : 2 * c], None, 2.0, pending))
+    return row, Submission(8.0, row[:c], row[c : 2 * c], None, 2.0, pending)
+
+
+def _recorded(book: StepBook, name: str) -> np.ndarray:
+    """Submit a layer's record (a step must not close here)."""
+    row, submission = _record()
+    assert book.submit(name, submission) is None
     return row
 
 
@@ -265,16 +277,18 @@ def test_a_closing_step_collects_the_gradient_means_written_into_its_records():
     assert list(later.gradients) == ["b"] and later.gradients["b"][0].dy[0] == 2.0
 
 
-def test_a_record_still_empty_a_step_later_is_sealed_and_a_replaced_forwards_record_is_kept():
+def test_a_record_still_empty_after_its_wait_is_sealed_and_a_replaced_forwards_record_is_kept():
     book: StepBook[Submission, GradientSubmission] = StepBook(auto_step=False)
     recorded = RecordedGradients()
     never = _recorded(book, "a")  # a forward whose backward never runs (say, under no_grad)
     recorded.collect(book.close())
+    for _ in range(RECORD_WAIT_STEPS - 1):
+        _recorded(book, "b")
+        assert "a" not in recorded.collect(book.close()).gradients
+        assert never[-1] == 0  # still open: its backward may come
     _recorded(book, "b")
-    assert "a" not in recorded.collect(book.close()).gradients
-    assert never[-1] == -1  # sealed: a backward that comes now writes nothing
-    _backward_writes(never, 3.0)
-    assert never[4] == 0
+    recorded.collect(book.close())
+    assert never[-1] == -1  # sealed: psq's kernels write nothing into it now
     first = _recorded(book, "c")  # a layer run twice in a step (activation checkpointing)
     second = _recorded(book, "c")
     _backward_writes(first, 4.0), _backward_writes(second, 5.0)
@@ -282,3 +296,22 @@ def test_a_record_still_empty_a_step_later_is_sealed_and_a_replaced_forwards_rec
     assert [g.dy[0] for g in closed.gradients["c"]] == [4.0, 5.0]
     moments = closed.entries["c"].mean  # the last forward's count
     assert np.shares_memory(moments, second) and not np.shares_memory(moments, first)
+
+
+def test_a_layer_run_three_times_before_one_backward_keeps_every_gradient():
+    """auto_step closes a step at each run of a shared layer: all three records wait for the
+    backward that comes after the third, and join the step that closes next."""
+    book: StepBook[Submission, GradientSubmission] = StepBook()
+    recorded = RecordedGradients()
+    rows, steps = [], []
+    for _ in range(3):
+        row, submission = _record()
+        closed = book.submit("shared", submission)  # the 2nd and 3rd runs close the step before
+        if closed is not None:
+            steps.append(recorded.collect(closed))
+        rows.append(row)
+    assert len(steps) == 2 and not any(s.gradients for s in steps)
+    for value, row in enumerate(rows):
+        _backward_writes(row, float(value))
+    last = recorded.collect(book.close())
+    assert sorted(g.dy[0] for g in last.gradients["shared"]) == [0.0, 1.0, 2.0]
