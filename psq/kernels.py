@@ -195,8 +195,10 @@ def fused_step(
 ) -> torch.Tensor | None:
     """The whole training step, forward and backward, as one autograd operator of psq's CPU
     kernels (``psq_native::train``: no Python in the backward), or None where it does not
-    apply (another device, half precision, γ or β in another dtype, no kernels, a blend not
-    taken from ``history``, the layer's ``[mean | var | dy | dy_xhat]`` rows).  It writes the
+    apply (another device, half precision, γ or β in another dtype, no kernels, a share of
+    history without ``history``).  ``history`` is the layer's ``[mean | var | dy | dy_xhat]``
+    rows, which the operator reads in place of the blend's tensors: the caller passes it only
+    when the blend was taken from it (a sync-mode blend is not), else None.  It writes the
     batch's moments into row ``index`` of ``records`` (:class:`psq.records.StepRecord`), and,
     if ``keep_gradient``, the backward its gradient means."""
     dtype = x.dtype

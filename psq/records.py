@@ -85,7 +85,7 @@ class StepRecord:
             return
         target.copy_(values.detach(), non_blocking=True)
         landed = torch.cuda.Event()
-        landed.record()
+        landed.record(torch.cuda.current_stream(values.device))  # the stream the copy went on
         self._landed.append(landed)
 
     def _ready(self) -> bool:
