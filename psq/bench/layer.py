@@ -108,7 +108,7 @@ def _on_torch_kernels(call: Callable[[], object]) -> Callable[[], object]:
     return composed
 
 
-def _with_history(layer: nn.Module, call: Callable[[], object], loop: WorkerLoop, timeout_s: float = 10.0) -> None:
+def _with_history(layer: nn.Module, call: Callable[[], object], loop: WorkerLoop, timeout_s: float = 30.0) -> None:
     """Step until the layer's history holds gradient means too (two round trips)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
