@@ -58,8 +58,7 @@ def train_forward(
         used.append((saved, blend))
         return y
 
-    if module.track_running_stats and module.num_batches_tracked is not None:
-        module.num_batches_tracked.add_(1)  # here, so that momentum=None reads this step's count
+    module.count_batch()  # here, so that momentum=None reads this step's count
     y = module.train_step(x, apply)
     saved, blend = used[-1]
     # An operator's outputs may not alias each other: with no history the blend is the batch's.

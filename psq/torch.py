@@ -146,6 +146,8 @@ class PSBatchNorm(_BatchNorm):
         self._untracked_batches = 0
         self._record: StepRecord | None = None  # the last training step's
         self._records: StepRecords | None = None
+        self._tickets: dict[int, StepRecord | None] = {}  # the compiled steps' records (ticket())
+        self._next_ticket = 0
         self._op = ops.register(self)  # how torch.compile's operators find this layer
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
@@ -164,6 +166,11 @@ class PSBatchNorm(_BatchNorm):
         if name == "num_batches_tracked" and self.__dict__.get("_untracked_batches"):
             self._track_batches()
         return super().__getattr__(name)
+
+    def count_batch(self) -> None:
+        """One more training forward for num_batches_tracked (added to the buffer when it is read)."""
+        if self.track_running_stats:
+            self.__dict__["_untracked_batches"] += 1
 
     def _track_batches(self) -> None:
         untracked, self.__dict__["_untracked_batches"] = self.__dict__.get("_untracked_batches", 0), 0
@@ -192,7 +199,13 @@ class PSBatchNorm(_BatchNorm):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        for key, default in (("_untracked_batches", 0), ("_record", None), ("_records", None)):
+        for key, default in (
+            ("_untracked_batches", 0),
+            ("_record", None),
+            ("_records", None),
+            ("_tickets", {}),
+            ("_next_ticket", 0),
+        ):
             self.__dict__.setdefault(key, default)  # a layer pickled before these existed
         self._op = ops.register(self)  # a copy is another layer to the operators
 
@@ -215,8 +228,7 @@ class PSBatchNorm(_BatchNorm):
             return self._empty(x)
         if torch.compiler.is_compiling():  # the loop's work runs in one operator
             return ops.train_forward(x, self.weight, self.bias, self._op)[0]
-        if self.track_running_stats:  # counted here, added to the buffer when it is read
-            self.__dict__["_untracked_batches"] += 1
+        self.count_batch()
         return self.train_step(x, self._eager)
 
     def train_step(self, x: torch.Tensor, apply: Apply) -> torch.Tensor:
@@ -284,16 +296,15 @@ class PSBatchNorm(_BatchNorm):
         """A number for the last training step's record, by which a compiled backward finds it
         (:mod:`psq.ops`: its operators see tensors, not the record).  The last
         :data:`TICKETS_KEPT` are kept: forwards run ahead of their backwards by fewer."""
-        tickets = self.__dict__.setdefault("_tickets", {})
-        number = self.__dict__["_next_ticket"] = self.__dict__.get("_next_ticket", 0) + 1
-        tickets[number] = self._record
-        if len(tickets) > TICKETS_KEPT:
-            del tickets[next(iter(tickets))]
+        number = self.__dict__["_next_ticket"] = self._next_ticket + 1
+        self._tickets[number] = self._record
+        if len(self._tickets) > TICKETS_KEPT:
+            del self._tickets[next(iter(self._tickets))]
         return number
 
     def gradient_sink(self, ticket: int) -> GradientSink | None:
         """Where the backward of the step ``ticket`` names writes its gradient means, if they are kept."""
-        record = self.__dict__.get("_tickets", {}).get(ticket)
+        record = self._tickets.get(ticket)
         return record.write_gradient if record is not None and self.keeps_gradient() else None
 
     def _fresh_history(self, x: torch.Tensor) -> _DeviceHistory | None:
