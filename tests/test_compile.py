@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import gc
 
+import numpy as np
 import pytest
 import torch
 from dist_workers import small_cnn
@@ -103,6 +104,45 @@ def test_every_batchnorm_option_compiles_to_one_graph_that_matches_eager(cluster
         g = torch.randn_like(x)
         for a, e in zip(torch.autograd.grad(got, [xc, *params], g), torch.autograd.grad(eager, [xe, *params], g)):
             torch.testing.assert_close(a, e, rtol=0, atol=1e-12)
+
+
+class SubmissionsLoop(WorkerLoop):
+    """A real WorkerLoop that also keeps every submission its layers hand it, in order."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.submitted: list = []
+
+    def submit(self, name, stats) -> None:
+        self.submitted.append(stats)
+        super().submit(name, stats)
+
+
+def test_each_compiled_backward_writes_the_record_of_its_own_forward(cluster):
+    """A layer run twice before either backward (a shared layer, checkpointing), eagerly then
+    compiled, in one step so that all four blend one history: the backwards run last forward
+    first, and each writes its gradient means into its own forward's record, the compiled ones
+    (found by ticket) exactly where the eager ones are."""
+    c = cluster(1)
+    with SubmissionsLoop(c.endpoints.frontend, job="tickets", worker="w0", dtype="<f8", auto_step=False) as loop:
+        layer = layer_with_history(loop)
+        compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+        gen = torch.Generator().manual_seed(4)
+        xs = [torch.randn(4, 3, 5, 5, dtype=torch.float64, generator=gen) * (i + 1) for i in range(2)]
+        gs = [torch.randn(4, 3, 5, 5, dtype=torch.float64, generator=gen) for _ in range(2)]
+        loop.submitted.clear()
+        for run in (layer, compiled):
+            ys = [run(x.clone().requires_grad_()) for x in xs]
+            for y, g in reversed(list(zip(ys, gs))):
+                y.backward(g)
+        written = [s.gradient.written() for s in loop.submitted]
+    assert len(written) == 4 and all(w is not None for w in written)
+    eager_first, eager_second, compiled_first, compiled_second = written
+    assert not np.allclose(eager_first.dy, eager_second.dy)  # a swap would show
+    for got, want in ((compiled_first, eager_first), (compiled_second, eager_second)):
+        assert got.count == want.count
+        np.testing.assert_allclose(got.dy, want.dy, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(got.dy_xhat, want.dy_xhat, rtol=0, atol=1e-12)
 
 
 def test_layers_compiled_one_by_one_share_one_graph(cluster):
