@@ -160,7 +160,7 @@ def test_variants_psq_or_the_emulation_cannot_run_are_refused(text, says):
 
 
 def test_sync_layers_beyond_the_model_are_refused():
-    with pytest.raises(SettingsError, match=r"sync_layers \[3, 4\] are beyond the model's 3 batch-norm layers"):
+    with pytest.raises(SettingsError, match=r"layers \[3, 4\] are beyond the model's 3 batch-norm layers"):
         emulation.one_run("a", emulation.variant("psq:sync_layers=2-4"), 0, 1, max_steps_per_epoch=1)
 
 

@@ -11,7 +11,7 @@ accuracy, test loss and training loss, which tell an optimization gap from a gen
 
 Methods: ``sync`` (batch norm on the union batch: synchronized BN's forward and backward),
 ``psq`` (the defaults) and ``psq:key=value,...`` with the keys of ``psq bench accuracy``'s
-variants and four probes of the emulation's own:
+variants and five probes of the emulation's own:
 
 * ``staleness_steps``: how many steps old the history is, as the loop reports it (1: the freshest);
 * ``sync_layers``: layers, by index in the forward's order, normalized as ``sync`` instead
@@ -20,6 +20,8 @@ variants and four probes of the emulation's own:
   constant: synchronized BN's forward without its backward through the partner's batch (with
   ``gradient=exact``, the exact derivative of that forward; with the default ``cluster``, the
   history's gradient means as for psq's own blend);
+* ``local_layers``: layers normalized with the worker's own batch alone, as per-worker BN (its
+  exact gradient), their statistics still pushed to the history the others blend with;
 * ``previous_weight``: blend that share of the worker's own previous batch into the history (a
   stale partner, which a worker could do alone).
 """
@@ -78,6 +80,7 @@ class Variant:
     half_life: float = DEFAULT_HALF_LIFE_IMAGES
     staleness_steps: int = 3  # about what the real (e) runs report (mean staleness 3.1-3.6 steps)
     sync_layers: frozenset[int] = frozenset()
+    local_layers: frozenset[int] = frozenset()
     partner: bool = False
     previous_weight: float = 0.0
 
@@ -105,6 +108,7 @@ _KEYS: dict[str, Callable[[str], Any]] = {
     **{k: parse for k, parse in VARIANT_KEYS.items() if k != "push_interval_s"},  # no loop here
     "staleness_steps": positive_int,
     "sync_layers": _layers,
+    "local_layers": _layers,
     "partner": _flag01,
     "previous_weight": unit_interval,
 }
@@ -260,7 +264,7 @@ class EmulatedNorm(nn.Module):
 
     def _blend(self, i: int, x: torch.Tensor, count: float, current: list[Any] | None) -> Blend:
         h, g = self.history.moments, self.history.gradients
-        if h.counts[0] == 0:  # no history yet: plain batch norm, as PSBatchNorm
+        if h.counts[0] == 0 or self.index in self.v.local_layers:  # plain batch norm, as PSBatchNorm without one
             return Blend()
         held = _Held(
             _t(h.mean, x), _t(h.var, x), _t(g.dy, x), _t(g.dy_xhat, x),
@@ -293,11 +297,9 @@ def convert(model: nn.Module, v: Variant, workers: int) -> tuple[nn.Module, Cloc
                 walk(child)
 
     walk(model)
-    beyond = sorted(i for i in v.sync_layers if i >= index[0])
+    beyond = sorted(i for i in v.sync_layers | v.local_layers if i >= index[0])
     if beyond:
-        raise SettingsError(
-            f"sync_layers {beyond} are beyond the model's {index[0]} batch-norm layers (0-{index[0] - 1})"
-        )
+        raise SettingsError(f"layers {beyond} are beyond the model's {index[0]} batch-norm layers (0-{index[0] - 1})")
     return model, clock
 
 
