@@ -11,7 +11,7 @@ accuracy, test loss and training loss, which tell an optimization gap from a gen
 
 Methods: ``sync`` (batch norm on the union batch: synchronized BN's forward and backward),
 ``psq`` (the defaults) and ``psq:key=value,...`` with the keys of ``psq bench accuracy``'s
-variants and five probes of the emulation's own:
+variants and six probes of the emulation's own:
 
 * ``staleness_steps``: how many steps old the history is, as the loop reports it (1: the freshest);
 * ``sync_layers``: layers, by index in the forward's order, normalized as ``sync`` instead
@@ -22,6 +22,11 @@ variants and five probes of the emulation's own:
   history's gradient means as for psq's own blend);
 * ``local_layers``: layers normalized with the worker's own batch alone, as per-worker BN (its
   exact gradient), their statistics still pushed to the history the others blend with;
+* ``ghost_noise``: a regularizer of the worker's own, synchronized BN's noise without its
+  exchange: the history's mean and variance perturbed each step by a random draw of that share
+  of the deviation synchronized BN's batch of the step (every worker's, ``W`` of them) would have
+  from them, estimated from this worker's own batches (a running mean of ``(mB − mH)²`` and of
+  ``log(vB/vH)²``, over ``W``); the draw is a constant to the backward;
 * ``previous_weight``: blend that share of the worker's own previous batch into the history (a
   stale partner, which a worker could do alone).
 """
@@ -42,6 +47,7 @@ from psq.bench.timing import emit
 from psq.config import (
     DEFAULT_HALF_LIFE_IMAGES,
     SettingsError,
+    non_negative_float,
     non_negative_int,
     positive_int,
     unit_interval,
@@ -81,6 +87,7 @@ class Variant:
     staleness_steps: int = 3  # about what the real (e) runs report (mean staleness 3.1-3.6 steps)
     sync_layers: frozenset[int] = frozenset()
     local_layers: frozenset[int] = frozenset()
+    ghost_noise: float = 0.0
     partner: bool = False
     previous_weight: float = 0.0
 
@@ -109,6 +116,7 @@ _KEYS: dict[str, Callable[[str], Any]] = {
     "staleness_steps": positive_int,
     "sync_layers": _layers,
     "local_layers": _layers,
+    "ghost_noise": non_negative_float,
     "partner": _flag01,
     "previous_weight": unit_interval,
 }
@@ -225,6 +233,7 @@ class EmulatedNorm(nn.Module):
         self.sync = v.sync or index in v.sync_layers
         self.history = SharedHistory(bn.num_features, v.half_life)
         self.previous: list[tuple[np.ndarray, np.ndarray] | None] = [None] * workers
+        self.deviations: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * workers  # ghost_noise's
         self.register_buffer("running_mean", torch.zeros(bn.num_features))
         self.register_buffer("running_var", torch.ones(bn.num_features))
 
@@ -274,10 +283,26 @@ class EmulatedNorm(nn.Module):
         if current is not None:  # the other worker's batch of this very step, half and half
             mean, var = current[1 - i]
             return blend._replace(share=0.5, mean=mean, var=var)
+        if self.v.ghost_noise:
+            return self._ghost(i, x, blend)
         if self.v.previous_weight and self.previous[i] is not None:
             mean, var = mix(1.0 - self.v.previous_weight, h.mean, h.var, *self.previous[i])
             return blend._replace(mean=_t(mean, x), var=_t(var, x))
         return blend
+
+    def _ghost(self, i: int, x: torch.Tensor, blend: Blend) -> Blend:
+        """``blend`` with its history perturbed as the ``ghost_noise`` probe says."""
+        assert blend.mean is not None and blend.var is not None
+        mean_b, var_b = batch_stats(x.detach())
+        dm, dl = (mean_b - blend.mean) ** 2, torch.log((var_b + 1e-5) / (blend.var + 1e-5)) ** 2
+        held = self.deviations[i]
+        held = (dm, dl) if held is None else (torch.lerp(held[0], dm, 0.01), torch.lerp(held[1], dl, 0.01))
+        self.deviations[i] = held
+        scale = self.v.ghost_noise / self.workers
+        noise_m = torch.randn_like(dm) * (held[0] * scale).sqrt()
+        noise_l = torch.randn_like(dl) * (held[1] * scale).sqrt()
+        # the history's share a weighs the draw too: none while there is no history to trust
+        return blend._replace(mean=blend.mean + noise_m, var=blend.var * torch.exp(noise_l))
 
 
 def _t(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:
