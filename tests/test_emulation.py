@@ -27,6 +27,8 @@ from workers.settings import TrainSettings
         ("psq:history_weight=0.5,gradient_history_weight=0.8", "gradient_history_weight", 0.8),
         ("psq:history_weight=0.5", "gradient_history_weight", 0.5),
         ("psq:gradient=exact", "gradient", "exact"),
+        ("psq:local_layers=2;5", "local_layers", frozenset({2, 5})),
+        ("psq:ghost_noise=0.5", "ghost_noise", 0.5),
     ],
 )
 def test_variants_parse(text, field, value):
@@ -44,6 +46,7 @@ def test_variants_parse(text, field, value):
         ("psq:partner=yes", "expected 0 or 1"),
         ("psq:gradient=fast", "one of cluster, renorm, exact"),
         ("psq:staleness_steps=0", "a positive integer"),
+        ("psq:ghost_noise=-1", "a non-negative number"),
     ],
 )
 def test_bad_variants_say_what_was_expected(text, says):
@@ -136,6 +139,30 @@ def test_with_a_history_only_history_weight_zero_is_per_worker_batch_norm(weight
         torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10)
     else:  # the history is blended in: far from each chunk's own
         assert (y - expected).abs().max() > 0.5
+
+
+def test_a_local_layer_is_per_worker_batch_norm_beside_a_history():
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(3).double()
+    layer = emulation.EmulatedNorm(bn, 1, emulation.variant("psq:local_layers=1"), 2, emulation.Clock(1))
+    layer.history.update(4096.0, Moments(1e6, np.full(3, 5.0), np.full(3, 9.0)), None)
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    expected = torch.cat([torch.nn.functional.batch_norm(c, None, None, bn.weight, bn.bias, True) for c in x.chunk(2)])
+    torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_ghost_noise_draws_about_its_share_of_the_workers_own_deviation():
+    """With every batch 2 from the history's mean (and its variance), the draws on the mean have
+    a variance of about ghost_noise x 4 / workers, and none on the variance."""
+    v = emulation.variant("psq:warmup_images=0,ghost_noise=0.5")
+    layer = emulation.EmulatedNorm(torch.nn.BatchNorm2d(1000), 0, v, 2, emulation.Clock(1))
+    layer.history.update(1.0, Moments(900.0, np.zeros(1000), np.ones(1000)), None)
+    x = torch.randn(8, 1000, 4, 4)
+    x = (x - x.mean((0, 2, 3), keepdim=True)) / x.std((0, 2, 3), unbiased=False, keepdim=True) + 2.0
+    blend = layer._blend(0, x, 128.0, None)
+    assert blend.mean is not None and blend.var is not None
+    assert blend.mean.var().item() == pytest.approx(0.5 * 4.0 / 2, rel=0.15)
+    torch.testing.assert_close(blend.var, torch.ones(1000), rtol=1e-4, atol=1e-4)
 
 
 def test_an_emulated_layer_blends_as_psbatchnorm_does():
