@@ -17,6 +17,7 @@ reused; the last of its submissions frees it.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from psq.pushes import PendingGradient, Submission
@@ -62,9 +63,8 @@ class StepRecord:
 
     def write_moments(self, mean_b: torch.Tensor, var_b: torch.Tensor) -> None:
         """The batch's moments, from a step composed of torch's kernels."""
-        c = self.channels
         self._copy(0, mean_b)
-        self._copy(c, var_b)
+        self._copy(1, var_b)
         self._views[4][0] = 0  # open for the backward's gradient means
         self._moments = (mean_b, var_b)
 
@@ -73,16 +73,17 @@ class StepRecord:
         state = self._views[4]
         if state[0] != 0:
             return
-        c = self.channels
-        self._copy(2 * c, dy)
-        self._copy(3 * c, dy_xhat)
+        self._copy(2, dy)
+        self._copy(3, dy_xhat)
         state[0] = count  # on a GPU before the copies land: the push waits for them
 
-    def _copy(self, at: int, values: torch.Tensor) -> None:
-        target = self.values[at : at + self.channels]
-        if values.device.type == "cpu":
-            target.copy_(values.detach())
+    def _copy(self, field: int, values: torch.Tensor) -> None:
+        """``values`` into the row's ``field`` (0 to 3: mean_b, var_b, dy, dy_xhat)."""
+        if values.device.type == "cpu":  # into the numpy view: a tensor's indexing and copy_ cost more
+            np.copyto(self._views[field], values.detach().numpy(), casting="same_kind")
             return
+        at = field * self.channels
+        target = self.values[at : at + self.channels]
         target.copy_(values.detach(), non_blocking=True)
         landed = torch.cuda.Event()
         landed.record(torch.cuda.current_stream(values.device))  # the stream the copy went on
