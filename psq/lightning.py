@@ -21,7 +21,8 @@ from lightning.pytorch.plugins import LayerSync
 from torch import nn
 
 from psq.config import DEFAULT_FRONTEND, endpoint, name
-from psq.loop import DEFAULT_PUSH_INTERVAL_S, WorkerLoop
+from psq.loop import DEFAULT_PUSH_CPU_SHARE, DEFAULT_PUSH_INTERVAL_S, WorkerLoop
+from psq.pacing import PushPacer
 from psq.security import ClientKeys
 from psq.torch import check_options, convert_batchnorm, revert_batchnorm
 
@@ -34,7 +35,7 @@ class PsqLayerSync(LayerSync):
     Lightning calls a layer-sync plugin under its DDP and FSDP strategies (``strategy="ddp"``);
     a single-device run ignores it.
 
-    ``frontend``, ``job``, ``keys`` and ``push_interval_s`` go to each rank's WorkerLoop;
+    ``frontend``, ``job``, ``keys``, ``push_interval_s`` and ``push_cpu_share`` go to each rank's WorkerLoop;
     ``wait_for_service_s`` bounds how long :meth:`apply` waits for the statistics service (then
     training starts regardless, on batch statistics until it answers); ``flush_timeout_s`` how
     long :meth:`revert` waits for the last step's history; ``prefix`` goes to
@@ -50,6 +51,7 @@ class PsqLayerSync(LayerSync):
         job: str,
         keys: ClientKeys | None = None,
         push_interval_s: float = DEFAULT_PUSH_INTERVAL_S,
+        push_cpu_share: float = DEFAULT_PUSH_CPU_SHARE,
         wait_for_service_s: float = 30.0,
         flush_timeout_s: float = 10.0,
         prefix: str = "",
@@ -61,9 +63,9 @@ class PsqLayerSync(LayerSync):
         for what, value in (("wait_for_service_s", wait_for_service_s), ("flush_timeout_s", flush_timeout_s)):
             if not 0 < value < float("inf"):
                 raise ValueError(f"{what} must be a positive number of seconds, got {value!r}")
-        if not 0 <= push_interval_s < float("inf"):
-            raise ValueError(f"push_interval_s must be a non-negative number of seconds, got {push_interval_s!r}")
-        self.frontend, self.job, self.keys, self.push_interval_s = frontend, job, keys, push_interval_s
+        PushPacer(push_interval_s, push_cpu_share)  # the loop's own checks, before any rank starts
+        self.frontend, self.job, self.keys = frontend, job, keys
+        self.push_interval_s, self.push_cpu_share = push_interval_s, push_cpu_share
         self.wait_for_service_s, self.flush_timeout_s = wait_for_service_s, flush_timeout_s
         self.prefix, self.options = prefix, options
         self.loop: WorkerLoop | None = None
@@ -79,7 +81,12 @@ class PsqLayerSync(LayerSync):
             raise RuntimeError("PsqLayerSync.apply: this plugin already runs a WorkerLoop; revert() first")
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         loop = WorkerLoop(
-            self.frontend, job=self.job, worker=f"rank{rank}", keys=self.keys, push_interval_s=self.push_interval_s
+            self.frontend,
+            job=self.job,
+            worker=f"rank{rank}",
+            keys=self.keys,
+            push_interval_s=self.push_interval_s,
+            push_cpu_share=self.push_cpu_share,
         ).start()
         if not loop.wait_ready(self.wait_for_service_s):
             log.warning(

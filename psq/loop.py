@@ -18,7 +18,8 @@ background: one message per shard, all layers and their gradients in it.  Steps 
 within ``push_interval_s`` (default 50 ms) of the last message wait in an outbox (a list, under
 the loop's lock: a step costs the event loop nothing) and go pooled, exactly, in the next one,
 so a fast trainer sends at most 20 messages a second; 0 sends as soon as the last message is
-answered.  Layers read the
+answered.  Messages are spaced further where the loop thread's CPU on each (measured) would take
+more than ``push_cpu_share`` (5%) of a core (:mod:`psq.pacing`).  Layers read the
 latest history of their layer (moments and gradient means) with ``history(name)``.  When the broker or an aggregator is
 away the loop logs once, the layers train on batch statistics and the last history they have,
 and it recovers by itself.  No wait anywhere is unbounded.
@@ -30,8 +31,8 @@ arrive: SyncBatchNorm's forward, for verification.
 This module does not import torch: what layers submit is numpy, or a
 :class:`~psq.pushes.Submission` whose ``ready`` callable says when a device-to-host copy has
 landed.  The loop's parts: :mod:`psq.loop_thread` (its thread), :mod:`psq.steps` (the step
-bookkeeping), :mod:`psq.pushes` (pushes and histories), :mod:`psq.inflight` (the pushes on
-their way), ``LoopCounters`` (its counts).
+bookkeeping), :mod:`psq.pushes` (pushes and histories), :mod:`psq.pacing` (when the next
+message goes), :mod:`psq.inflight` (the pushes on their way), ``LoopCounters`` (its counts).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from psq.counters import LoopCounters
 from psq.inflight import InFlight
 from psq.logs import Throttled
 from psq.loop_thread import LoopThread, run_threadsafe
+from psq.pacing import PushPacer
 from psq.pushes import GradientSubmission, LayerHistory, Pushes, RecordedGradients, Submission
 from psq.security import ClientKeys
 from psq.stats import Moments
@@ -62,6 +64,10 @@ from psq.steps import ClosedStep, ExchangeSteps, StepBook
 # one message: at most 20 messages a second per worker, a few steps of staleness more for a fast
 # trainer, none for one whose steps take longer (chosen in docs/performance.md, "The push interval").
 DEFAULT_PUSH_INTERVAL_S = 0.05
+# The most of one core the loop's thread may spend on messages: beyond it the interval lengthens
+# (psq.pacing), whatever the model's size or the machine's speed.  5%: what a step's target of
+# 1.05x plain leaves; 2.5% cost accuracy (docs/performance.md, "The loop's CPU share").
+DEFAULT_PUSH_CPU_SHARE = 0.05
 
 
 class ForkedLoop(RuntimeError):
@@ -85,6 +91,7 @@ class WorkerLoop:
         dtype: str = "<f4",
         auto_step: bool = True,
         push_interval_s: float = DEFAULT_PUSH_INTERVAL_S,
+        push_cpu_share: float = DEFAULT_PUSH_CPU_SHARE,
         keys: ClientKeys | None = None,
     ) -> None:
         if mode not in ("async", "sync"):
@@ -94,7 +101,7 @@ class WorkerLoop:
         self.frontend, self.job, self.worker, self.mode = frontend, job, worker, mode
         self.timeout_s, self.retries, self.dtype = timeout_s, retries, dtype
         self.sync_timeout_s, self.staleness_timeout_s = sync_timeout_s, staleness_timeout_s
-        self.push_interval_s = push_interval_s
+        self._pacer = PushPacer(push_interval_s, push_cpu_share)
         self.keys = keys
         self._lock = threading.Condition()  # guards the steps, the histories and the pushes in flight
         self._steps: StepBook[Submission, GradientSubmission] = StepBook(auto_step)
@@ -111,11 +118,25 @@ class WorkerLoop:
         self._draining = False
         self._sending = 0  # steps in the messages on their way
         self._failures = Throttled(log)  # a push that raised (a bug): once a minute, not every message
-        self._last_push_s = float("-inf")  # the event loop's clock
         self._hurry: asyncio.Event | None = None  # a flush: send what waits without the interval
         self._host = LoopThread(f"psq-{worker}")
         self._forked = False  # set in a forked child (os.register_at_fork): no getpid per layer call
         _LOOPS.add(self)
+
+    @property
+    def push_interval_s(self) -> float:
+        """The least time between two messages (steps in between are pooled into the next)."""
+        return self._pacer.interval_s
+
+    @property
+    def push_cpu_share(self) -> float:
+        """The most of one core the loop's own thread spends on messages (the gap lengthens past it)."""
+        return self._pacer.cpu_share
+
+    @property
+    def push_gap_s(self) -> float:
+        """The time between two messages now: the interval, or longer where their CPU needs it."""
+        return self._pacer.gap_s
 
     @property
     def auto_step(self) -> bool:
@@ -155,6 +176,7 @@ class WorkerLoop:
     async def _open(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._hurry = asyncio.Event()
+        self._pacer.new_thread()
         with self._lock:  # a loop started again starts with nothing queued
             self._outbox, self._draining, self._sending, self._accepting = [], False, 0, True
         timeout_s = max(self.timeout_s, self.sync_timeout_s + 1.0) if self.mode == "sync" else self.timeout_s
@@ -245,7 +267,8 @@ class WorkerLoop:
                     steps, self._outbox = self._outbox, []
                     self._sending += len(steps)
                     self._in_flight.hand_over(loop, self._push(steps))
-                self._last_push_s = loop.time()
+                # the thread's CPU only where the thread is the loop's own, not a trainer's
+                self._pacer.sent(loop.time(), time.thread_time() if self._host.running else None)
         except BaseException:  # cancelled (closing): the next step must start a drain
             with self._lock:
                 self._draining = False
@@ -261,7 +284,7 @@ class WorkerLoop:
                 self._sending = max(0, self._sending - len(steps))
 
     async def _pace(self, loop: asyncio.AbstractEventLoop) -> None:
-        wait_s = self._last_push_s + self.push_interval_s - loop.time()
+        wait_s = self._pacer.wait_s(loop.time())
         hurry = self._hurry
         if hurry is None:
             return

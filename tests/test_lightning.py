@@ -73,3 +73,7 @@ def test_a_bad_option_is_refused_when_the_plugin_is_made():
         PsqLayerSync("localhost:5555", job="j")
     with pytest.raises(ValueError, match="wait_for_service_s must be a positive number"):
         PsqLayerSync(job="j", wait_for_service_s=0)
+    with pytest.raises(ValueError, match="push_interval_s must be a non-negative number of seconds"):
+        PsqLayerSync(job="j", push_interval_s=-1)
+    with pytest.raises(ValueError, match=r"push_cpu_share must be in \(0, 1\]"):
+        PsqLayerSync(job="j", push_cpu_share=0)

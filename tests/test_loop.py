@@ -77,6 +77,49 @@ def test_by_default_steps_faster_than_the_push_interval_share_a_message(cluster)
     assert sent <= 2 + elapsed_s / DEFAULT_PUSH_INTERVAL_S
 
 
+def test_messages_that_cost_more_than_their_cpu_share_are_spaced_out(cluster):
+    """With a share no message can fit (a millionth of a core), the loop measures the CPU its
+    thread spent between two messages (each sent by a flush) and holds the steps after them,
+    pooled, until the next flush."""
+    c = cluster(1, "--half-life", "1e12")
+    with WorkerLoop(c.endpoints.frontend, job="job", worker="w0", push_interval_s=0.0, push_cpu_share=1e-6) as loop:
+        assert loop.wait_ready(10)
+        for step in range(2):
+            loop.submit("a", submission(step))
+            loop.step()
+            assert loop.flush(10)
+        assert loop.push_gap_s > 10.0  # at least 10 µs of CPU a message, over a millionth
+        before = loop.client.stats["messages"]
+        for step in range(2, 20):
+            loop.submit("a", submission(step))
+            loop.step()
+        assert loop.flush(10)
+        sent = loop.client.stats["messages"] - before
+        assert loop.history("a").moments.count == pytest.approx(20 * 8.0, rel=1e-4)  # every sample
+    assert sent == 1  # the flush's: 18 steps pooled
+
+
+@pytest.mark.asyncio
+async def test_inside_a_trainers_event_loop_the_interval_alone_paces(cluster):
+    """There the thread's CPU is the trainer's own: no message is charged with it."""
+    c = cluster(1)
+    async with WorkerLoop(
+        c.endpoints.frontend, job="job", worker="w0", push_interval_s=0.0, push_cpu_share=1e-6
+    ) as loop:
+        for i in range(3):
+            loop.submit("a", submission(i))
+            loop.step()
+            assert await loop.aflush(10)
+        assert loop.push_gap_s == 0.0
+
+
+def test_the_loops_pacing_settings_are_checked():
+    with pytest.raises(ValueError, match=r"push_cpu_share must be in \(0, 1\], got 2"):
+        WorkerLoop("tcp://127.0.0.1:1", job="job", worker="w0", push_cpu_share=2)
+    with pytest.raises(ValueError, match="push_interval_s must be a non-negative number of seconds"):
+        WorkerLoop("tcp://127.0.0.1:1", job="job", worker="w0", push_interval_s=-0.5)
+
+
 @contextlib.contextmanager
 def first_message_sent(frontend: str, dtype: str = "<f4") -> Iterator[WorkerLoop]:
     """A loop with a 30 s push interval whose first message (layer "a", ``submission(0)``) went

@@ -204,6 +204,8 @@ def test_bad_trainer_settings_are_refused():
         timeout=60,
     )
     assert out.returncode == 2 and "PSQ_EPOCHS: expected a positive integer" in out.stderr
+    out = run_psq("worker", "--push-cpu-share", "1.5")
+    assert out.returncode == 2 and "expected a number in (0, 1], got '1.5'" in out.stderr, out.stderr
 
 
 @pytest.mark.slow
@@ -245,6 +247,7 @@ def test_accuracy_bench_methods_and_variants_are_parsed_and_checked():
     for bad, text in (
         ("psq:history_weight=1.5", "expected a number in [0, 1)"),
         ("psq:push_interval_s=-1", "expected a non-negative number"),
+        ("psq:push_cpu_share=0", "expected a number in (0, 1]"),
         ("psq:momentum=0.1", "key=value pairs of history_weight"),
         ("batchnorm", "expected local, syncbn, psq"),
     ):

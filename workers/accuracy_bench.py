@@ -8,7 +8,7 @@ On digits, the same model, schedule and seeds for every method, side by side in 
 * ``psq-renorm``: the same with the backward psq had before its gradient history (Batch
   Renormalization's, through the batch statistics alone);
 * variants for an ablation, ``psq:history_weight=0.8,gradient_history_weight=0.5,half_life=64``
-  (any of those keys, ``warmup_images=...``, ``gradient=...`` and ``push_interval_s=...`` too).
+  (any of those keys, ``warmup_images=...``, ``gradient=...`` and ``push_interval_s=...``, ``push_cpu_share=...`` too).
 
 Settings: (a) 2 workers x batch 1, iid; (b) 4 x 2, label-skewed shards; (c) 2 x 2, fully
 class-split shards; (d) 4 x 1, iid; (e) 2 x 1, iid, and (f) 2 x 2, class-split, a small ResNet
@@ -31,7 +31,7 @@ import numpy as np
 
 from psq.bench.services import cluster
 from psq.bench.timing import emit
-from psq.config import SettingsError, choice, non_negative_float, positive_float, unit_interval
+from psq.config import SettingsError, choice, non_negative_float, positive_float, share_of_core, unit_interval
 from psq.stats import GRADIENTS
 from workers import train
 from workers.settings import TrainSettings
@@ -76,6 +76,7 @@ VARIANT_KEYS = {
     "warmup_images": non_negative_float,
     "half_life": positive_float,
     "push_interval_s": non_negative_float,
+    "push_cpu_share": share_of_core,
     "gradient": choice(*GRADIENTS),
 }
 

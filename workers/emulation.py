@@ -112,7 +112,7 @@ def _flag01(text: str) -> bool:
 
 
 _KEYS: dict[str, Callable[[str], Any]] = {
-    **{k: parse for k, parse in VARIANT_KEYS.items() if k != "push_interval_s"},  # no loop here
+    **{k: parse for k, parse in VARIANT_KEYS.items() if k not in ("push_interval_s", "push_cpu_share")},  # no loop here
     "staleness_steps": positive_int,
     "sync_layers": _layers,
     "local_layers": _layers,

@@ -25,9 +25,10 @@ from psq.config import (
     positive_float,
     positive_int,
     setting,
+    share_of_core,
     unit_interval,
 )
-from psq.loop import DEFAULT_PUSH_INTERVAL_S
+from psq.loop import DEFAULT_PUSH_CPU_SHARE, DEFAULT_PUSH_INTERVAL_S
 from psq.stats import GRADIENTS
 
 SHARDINGS = ("iid", "skewed", "split")  # how workers.data deals the training images
@@ -85,6 +86,11 @@ class TrainSettings:
         DEFAULT_PUSH_INTERVAL_S,
         "psq: least time between two pushes (steps in between are merged; 0: every step)",
         non_negative_float,
+    )
+    push_cpu_share: float = setting(
+        DEFAULT_PUSH_CPU_SHARE,
+        "psq: most of one core the loop's thread spends on pushes (beyond it they are spaced out; 1: no limit)",
+        share_of_core,
     )
     secret_key: Path | None = setting(
         None, "this worker's CurveZMQ secret key file", optional_path, "PSQ_WORKER_SECRET_KEY", shared=True

@@ -124,7 +124,12 @@ def _model(settings: TrainSettings, job: str, rank: int) -> tuple[nn.Module, Wor
         return model, None
     keys = ClientKeys.load(settings.secret_key, settings.server_key)
     loop = WorkerLoop(
-        settings.frontend, job=job, worker=f"rank{rank}", push_interval_s=settings.push_interval_s, keys=keys
+        settings.frontend,
+        job=job,
+        worker=f"rank{rank}",
+        push_interval_s=settings.push_interval_s,
+        push_cpu_share=settings.push_cpu_share,
+        keys=keys,
     ).start()
     if not loop.wait_ready(settings.wait_for_service_s):
         log.warning(
