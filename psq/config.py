@@ -78,7 +78,14 @@ _INF = float("inf")
 positive_float = _number(float, lambda v: 0 < v < _INF, "a positive number", "positive_float")
 non_negative_float = _number(float, lambda v: 0 <= v < _INF, "a non-negative number", "non_negative_float")
 unit_interval = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)", "unit_interval")
-share_of_core = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]", "share_of_core")
+
+
+def is_core_share(v: float) -> bool:
+    """A share of one core's time (push_cpu_share): in (0, 1]."""
+    return 0 < v <= 1
+
+
+share_of_core = _number(float, is_core_share, "a number in (0, 1]", "share_of_core")
 positive_int = _number(int, lambda v: v > 0, "a positive integer", "positive_int")
 non_negative_int = _number(int, lambda v: v >= 0, "a non-negative integer", "non_negative_int")
 

@@ -176,7 +176,7 @@ class WorkerLoop:
     async def _open(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._hurry = asyncio.Event()
-        self._pacer.new_thread()
+        self._pacer.restart()
         with self._lock:  # a loop started again starts with nothing queued
             self._outbox, self._draining, self._sending, self._accepting = [], False, 0, True
         timeout_s = max(self.timeout_s, self.sync_timeout_s + 1.0) if self.mode == "sync" else self.timeout_s

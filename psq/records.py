@@ -79,12 +79,15 @@ class StepRecord:
 
     def _copy(self, field: int, values: torch.Tensor) -> None:
         """``values`` into the row's ``field`` (0 to 3: mean_b, var_b, dy, dy_xhat)."""
-        if values.device.type == "cpu":  # into the numpy view: a tensor's indexing and copy_ cost more
-            np.copyto(self._views[field], values.detach().numpy(), casting="same_kind")
+        on_host = values.device.type == "cpu"
+        if on_host and values.dtype == self.block.dtype:  # the numpy view: cheaper than indexing and copy_
+            np.copyto(self._views[field], values.detach().numpy())
             return
         at = field * self.channels
         target = self.values[at : at + self.channels]
-        target.copy_(values.detach(), non_blocking=True)
+        target.copy_(values.detach(), non_blocking=not on_host)
+        if on_host:
+            return
         landed = torch.cuda.Event()
         landed.record(torch.cuda.current_stream(values.device))  # the stream the copy went on
         self._landed.append(landed)

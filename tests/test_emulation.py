@@ -154,6 +154,7 @@ def test_a_local_layer_is_per_worker_batch_norm_beside_a_history():
 def test_ghost_noise_draws_about_its_share_of_the_workers_own_deviation():
     """With every batch 2 from the history's mean (and its variance), the draws on the mean have
     a variance of about ghost_noise x 4 / workers, and none on the variance."""
+    torch.manual_seed(0)
     v = emulation.variant("psq:warmup_images=0,ghost_noise=0.5")
     layer = emulation.EmulatedNorm(torch.nn.BatchNorm2d(1000), 0, v, 2, emulation.Clock(1))
     layer.history.update(1.0, Moments(900.0, np.zeros(1000), np.ones(1000)), None)
@@ -179,6 +180,7 @@ def test_an_emulated_layer_blends_as_psbatchnorm_does():
     [
         ("psq:history_weight=0,gradient_history_weight=0.5", "a gradient history needs history_weight > 0"),
         ("psq:partner=1,previous_weight=0.5", "two partners"),
+        ("psq:sync_layers=1-3,local_layers=3", r"layers \[3\] are in both sync_layers and local_layers"),
     ],
 )
 def test_variants_psq_or_the_emulation_cannot_run_are_refused(text, says):

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from psq.pacing import COST_WEIGHT, PushPacer
+from psq.pacing import COST_WEIGHT, MAX_GAP_S, PushPacer
+
+
+def sent_costing(pacer: PushPacer, messages: int, cost_s: float, start_s: float = 0.0) -> float:
+    """``messages`` messages one second apart, each after ``cost_s`` of the thread's CPU."""
+    cpu_s = 5.0
+    for i in range(messages):
+        pacer.sent(start_s + i, cpu_s=cpu_s)
+        cpu_s += cost_s
+    return start_s + messages - 1
 
 
 def test_the_first_message_goes_at_once_and_the_next_after_the_interval():
@@ -17,27 +26,37 @@ def test_the_first_message_goes_at_once_and_the_next_after_the_interval():
 
 def test_messages_that_cost_more_than_the_share_are_spaced_out():
     pacer = PushPacer(0.05, 0.025)
-    pacer.sent(0.0, cpu_s=10.0)
-    pacer.sent(0.05, cpu_s=10.004)  # 4 ms of the thread's CPU since the last: 4 / 0.025 = 160 ms
-    assert pacer.cost_s == pytest.approx(0.004)
-    assert pacer.gap_s == pytest.approx(0.16)
-    assert pacer.wait_s(0.06) == pytest.approx(0.15)
+    last_s = sent_costing(pacer, 40, 0.004)  # 4 ms a message: 4 / 0.025 = 160 ms
+    assert pacer.cost_s == pytest.approx(0.004, rel=1e-3)
+    assert pacer.gap_s == pytest.approx(0.16, rel=1e-3)
+    assert pacer.wait_s(last_s + 0.01) == pytest.approx(0.15, rel=1e-2)
 
 
 def test_cheap_messages_keep_the_interval():
     pacer = PushPacer(0.05, 0.025)
-    pacer.sent(0.0, cpu_s=0.0)
-    pacer.sent(0.05, cpu_s=0.0005)  # 0.5 ms: 20 ms at the share, under the interval
+    sent_costing(pacer, 40, 0.0005)  # 0.5 ms: 20 ms at the share, under the interval
     assert pacer.gap_s == 0.05
 
 
-def test_the_cost_follows_the_newest_messages_by_a_running_mean():
+def test_the_cost_is_a_running_mean_from_the_first_message_measured():
     pacer = PushPacer(0.0, 0.5)
-    pacer.sent(0.0, cpu_s=0.0)
-    pacer.sent(1.0, cpu_s=0.010)
-    pacer.sent(2.0, cpu_s=0.012)  # 2 ms this time
-    assert pacer.cost_s == pytest.approx(0.010 + COST_WEIGHT * (0.002 - 0.010))
+    pacer.sent(0.0, cpu_s=0.0)  # the first: nothing to measure from
+    assert pacer.cost_s == 0.0
+    pacer.sent(1.0, cpu_s=0.010)  # a cold 10 ms moves the estimate by its weight only
+    assert pacer.cost_s == pytest.approx(COST_WEIGHT * 0.010)
+    pacer.sent(2.0, cpu_s=0.030)
+    first = COST_WEIGHT * 0.010
+    assert pacer.cost_s == pytest.approx(first + COST_WEIGHT * (0.020 - first))
     assert pacer.gap_s == pytest.approx(pacer.cost_s / 0.5)
+
+
+def test_the_share_never_asks_for_more_than_the_longest_gap_nor_less_than_the_interval():
+    pacer = PushPacer(0.05, 0.001)
+    sent_costing(pacer, 40, 0.1)  # 100 ms a message: 100 s at a thousandth of a core
+    assert pacer.gap_s == MAX_GAP_S
+    slow = PushPacer(2.0, 0.001)  # an interval longer than the cap still holds
+    sent_costing(slow, 40, 0.1)
+    assert slow.gap_s == 2.0
 
 
 def test_without_the_threads_cpu_the_interval_alone_paces():
@@ -48,15 +67,15 @@ def test_without_the_threads_cpu_the_interval_alone_paces():
     assert pacer.cost_s == 0.0 and pacer.gap_s == 0.05
 
 
-def test_a_new_threads_cpu_clock_is_not_read_against_the_old_ones():
-    pacer = PushPacer(0.0, 0.5)
-    pacer.sent(0.0, cpu_s=10.0)
-    pacer.sent(1.0, cpu_s=10.004)
-    pacer.new_thread()  # a loop started again: its thread's CPU time counts from about 0
-    pacer.sent(2.0, cpu_s=0.5)  # nothing to measure from yet: the estimate stands
-    assert pacer.cost_s == pytest.approx(0.004)
-    pacer.sent(3.0, cpu_s=0.504)
-    assert pacer.cost_s == pytest.approx(0.004)
+def test_a_loop_opened_again_starts_measuring_afresh():
+    """Its thread is new (its CPU clock from about 0), or it is a trainer's: no old estimate stays."""
+    pacer = PushPacer(0.05, 0.001)
+    last_s = sent_costing(pacer, 40, 0.004)
+    assert pacer.gap_s > 0.05
+    pacer.restart()
+    assert pacer.cost_s == 0.0 and pacer.gap_s == 0.05
+    pacer.sent(last_s + 1, cpu_s=0.001)  # the new clock, read against nothing
+    assert pacer.cost_s == 0.0
 
 
 @pytest.mark.parametrize(

@@ -79,6 +79,7 @@ VARIANT_KEYS = {
     "push_cpu_share": share_of_core,
     "gradient": choice(*GRADIENTS),
 }
+LOOP_KEYS = ("push_interval_s", "push_cpu_share")  # the variant keys that go to the WorkerLoop
 
 
 def parse_pairs(text: str, keys: Mapping[str, Callable[[str], Any]], what: str) -> dict[str, Any]:

@@ -65,7 +65,7 @@ from psq.stats import (
     unbiased_var,
 )
 from psq.torch import DEFAULT_HISTORY_WEIGHT, DEFAULT_WARMUP_IMAGES, PSQ_OPTIONS, check_options, history_blend
-from workers.accuracy_bench import SETTINGS, VARIANT_KEYS, parse_pairs
+from workers.accuracy_bench import LOOP_KEYS, SETTINGS, VARIANT_KEYS, parse_pairs
 from workers.data import Digits, digits
 from workers.models import MODELS
 from workers.settings import TrainSettings
@@ -112,7 +112,7 @@ def _flag01(text: str) -> bool:
 
 
 _KEYS: dict[str, Callable[[str], Any]] = {
-    **{k: parse for k, parse in VARIANT_KEYS.items() if k not in ("push_interval_s", "push_cpu_share")},  # no loop here
+    **{k: parse for k, parse in VARIANT_KEYS.items() if k not in LOOP_KEYS},  # no loop here
     "staleness_steps": positive_int,
     "sync_layers": _layers,
     "local_layers": _layers,
@@ -133,6 +133,9 @@ def variant(text: str) -> Variant:
     options = parse_pairs(text[4:], _KEYS, "an emulated variant")
     if options.get("partner") and options.get("previous_weight"):
         raise SettingsError("partner=1 and previous_weight are two partners: choose one")
+    both = sorted(options.get("sync_layers", frozenset()) & options.get("local_layers", frozenset()))
+    if both:
+        raise SettingsError(f"layers {both} are in both sync_layers and local_layers: choose one")
     layer = {k: options[k] for k in PSQ_OPTIONS if k in options}
     try:
         check_options(layer)

@@ -89,7 +89,7 @@ class TrainSettings:
     )
     push_cpu_share: float = setting(
         DEFAULT_PUSH_CPU_SHARE,
-        "psq: most of one core the loop's thread spends on pushes (beyond it they are spaced out; 1: no limit)",
+        "psq: most of one core the loop's thread spends on pushes (beyond it they are spaced out, up to 1 s)",
         share_of_core,
     )
     secret_key: Path | None = setting(
