@@ -24,7 +24,7 @@ import numpy as np
 from psq.client import PushResult, Rejected, StatsClient, Unavailable
 from psq.counters import LoopCounters
 from psq.logs import Throttled
-from psq.stats import GradientMeans, Moments, pool, pool_gradients
+from psq.stats import GradientMeans, Moments, layer_weights, pool_gradients, pool_means, pool_moments
 from psq.steps import ClosedStep
 
 log = logging.getLogger("psq.loop")
@@ -277,7 +277,9 @@ def pooled_moments(
     for c in steps:
         for name, s in c.entries.items():
             parts.setdefault(name, []).append(s)
-    stats = {name: pool([Moments(s.count, s.mean, s.var) for s in ss]) for name, ss in parts.items()}
+    stats: dict[str, Moments] = {}
+    for names in _by_parts(parts):
+        stats.update(_pooled_moments(names, [parts[n] for n in names]))
     images = {
         name: sum(s.count if s.images is None else s.images for s in ss)
         for name, ss in parts.items()
@@ -292,11 +294,17 @@ def finite_gradients(
     """Each layer's backward statistics, pooled, and how many of them were left out for NaN or
     infinity (a mixed-precision step whose loss scale overflowed: its moments still go).  A layer
     none of whose parts is finite is not sent."""
+    every = [a for parts in gradients.values() for p in parts for a in (p.dy, p.dy_xhat)]
+    if every and np.isfinite(np.concatenate(every)).all():  # the usual case: one check for all
+        out: dict[str, GradientMeans] = {}
+        for names in _by_parts(gradients):
+            out.update(_pooled_gradients(names, [gradients[n] for n in names]))
+        return out, 0
     out, dropped = {}, 0
     for name, parts in gradients.items():
         means = [GradientMeans(p.count, p.dy, p.dy_xhat) for p in parts]
         pooled = pool_gradients(means)
-        if not _finite(pooled):  # the rare case: keep the parts that are finite
+        if not _finite(pooled):  # keep the parts that are finite
             kept = [m for m in means if _finite(m)]
             dropped += len(means) - len(kept)
             log.debug("psq: gradient statistics of %s in steps up to %d are not finite; not sent", name, number)
@@ -305,6 +313,52 @@ def finite_gradients(
             pooled = pool_gradients(kept)
         out[name] = pooled
     return out, dropped
+
+
+_Part = Submission | GradientSubmission  # what a layer's step handed the loop, forward or backward
+
+
+def _by_parts(parts: Mapping[str, Sequence[object]]) -> list[list[str]]:
+    """The layers grouped by how many parts they pool (all of them alike, as a rule): each group
+    pools in a few numpy calls for all its layers, not a few per layer."""
+    groups: dict[int, list[str]] = {}
+    for name, ss in parts.items():
+        groups.setdefault(len(ss), []).append(name)
+    return list(groups.values())
+
+
+def _pooled_moments(names: list[str], parts: list[list[Submission]]) -> dict[str, Moments]:
+    """Layers of as many parts each, pooled together (their channels end to end)."""
+    if len(parts[0]) == 1:
+        return {n: Moments(ss[0].count, ss[0].mean, ss[0].var) for n, ss in zip(names, parts)}
+    weights, totals, split = _layer_weights(parts, "mean")
+    mean, var = pool_moments(weights, _stacked(parts, "mean"), _stacked(parts, "var"))
+    means, variances = np.split(mean, split), np.split(var, split)
+    return {n: Moments(float(t), m, v) for n, t, m, v in zip(names, totals, means, variances)}
+
+
+def _pooled_gradients(names: list[str], parts: list[list[GradientSubmission]]) -> dict[str, GradientMeans]:
+    """The gradient means of layers of as many parts each, pooled together."""
+    if len(parts[0]) == 1:
+        return {n: GradientMeans(ss[0].count, ss[0].dy, ss[0].dy_xhat) for n, ss in zip(names, parts)}
+    weights, totals, split = _layer_weights(parts, "dy")
+    dy = np.split(pool_means(weights, _stacked(parts, "dy")), split)
+    dy_xhat = np.split(pool_means(weights, _stacked(parts, "dy_xhat")), split)
+    return {n: GradientMeans(float(t), a, b) for n, t, a, b in zip(names, totals, dy, dy_xhat)}
+
+
+def _layer_weights(parts: Sequence[Sequence[_Part]], field: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per channel each part's share of its layer's count, each layer's pooled count, and where
+    the layers' channels (the widths of ``field``) split."""
+    widths = np.array([np.size(getattr(ss[0], field)) for ss in parts])
+    counts = np.array([[float(s.count) for s in ss] for ss in parts]).T  # (parts, layers)
+    weights, totals = layer_weights(counts, widths)
+    return weights, totals, np.cumsum(widths)[:-1]
+
+
+def _stacked(parts: Sequence[Sequence[_Part]], field: str) -> np.ndarray:
+    """``field`` of every layer end to end, one row per part: ``(parts, channels)``, float64."""
+    return np.array([np.concatenate([getattr(s, field) for s in row]) for row in zip(*parts)], dtype=np.float64)
 
 
 def _finite(g: GradientMeans) -> bool:

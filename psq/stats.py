@@ -104,8 +104,8 @@ def pool_gradients(parts: list[GradientMeans]) -> GradientMeans:
     if len(parts) == 1:
         return parts[0]
     weights, total = _pool_weights(parts)
-    dy = (weights * np.array([p.dy for p in parts], dtype=np.float64)).sum(axis=0)
-    dy_xhat = (weights * np.array([p.dy_xhat for p in parts], dtype=np.float64)).sum(axis=0)
+    dy = pool_means(weights, np.array([p.dy for p in parts], dtype=np.float64))
+    dy_xhat = pool_means(weights, np.array([p.dy_xhat for p in parts], dtype=np.float64))
     return GradientMeans(total, dy, dy_xhat)
 
 
@@ -116,9 +116,28 @@ def pool(parts: list[Moments]) -> Moments:
         return parts[0]
     weights, total = _pool_weights(parts)
     means = np.array([p.mean for p in parts], dtype=np.float64)
+    return Moments(total, *pool_moments(weights, means, np.array([p.var for p in parts], dtype=np.float64)))
+
+
+def pool_moments(weights: F64, means: F64, var: F64) -> tuple[F64, F64]:
+    """The pooled mean and biased variance of ``k`` sets stacked as rows (``(k, C)``), each
+    row weighing its share of the pooled count (``weights``, ``(k, 1)`` or per channel ``(k, C)``):
+    ``μ = Σ wᵢ·μᵢ``, ``σ² = Σ wᵢ·(σᵢ² + (μᵢ − μ)²)``."""
     mean = (weights * means).sum(axis=0)
-    spread = np.array([p.var for p in parts], dtype=np.float64) + (means - mean) ** 2
-    return Moments(total, mean, (weights * spread).sum(axis=0))
+    return mean, (weights * (var + (means - mean) ** 2)).sum(axis=0)
+
+
+def pool_means(weights: F64, rows: F64) -> F64:
+    """The pooled mean of ``k`` sets of means stacked as rows, weighted as for :func:`pool_moments`."""
+    return (weights * rows).sum(axis=0)
+
+
+def layer_weights(counts: F64, widths: Any) -> tuple[F64, F64]:
+    """For ``k`` sets of several layers laid end to end (``counts``: ``(k, L)``, a count per set
+    and layer; ``widths``: each layer's channels), each set's share of its layer's pooled count
+    per channel (``(k, C)``), and each layer's pooled count."""
+    totals = counts.sum(axis=0)
+    return np.repeat(counts / np.maximum(totals, _TINY), widths, axis=1), totals
 
 
 def _pool_weights(parts: list[Any]) -> tuple[F64, float]:

@@ -21,9 +21,10 @@ from psq.pushes import (
     PendingGradient,
     RecordedGradients,
     Submission,
+    finite_gradients,
     pooled_moments,
 )
-from psq.stats import Moments
+from psq.stats import GradientMeans, Moments, pool, pool_gradients
 from psq.steps import ClosedStep, ExchangeSteps, StepBook
 
 
@@ -239,6 +240,45 @@ def test_steps_sent_in_one_message_pool_each_layers_moments_and_images():
         assert got.count == want.count
         np.testing.assert_allclose([got.mean, got.var], [want.mean, want.var], rtol=1e-14)
     assert images == {"a": 4.0}  # b's submissions name no images: each element counts as one
+
+
+def test_layers_of_any_widths_and_part_counts_pool_as_each_layer_alone_would():
+    """Pooled together (channels end to end, a few numpy calls a group of layers), each layer's
+    moments and gradient means are its own pooled alone (psq.stats.pool, pool_gradients)."""
+    rng = np.random.default_rng(3)
+    widths, runs = {"a": 2, "b": 3, "c": 1, "d": 4}, {"a": 3, "b": 3, "c": 1, "d": 2}  # d skips a step
+
+    def sub(c: int) -> Submission:
+        return Submission(float(rng.integers(1, 50)), rng.normal(size=c), rng.random(c), None, 1.0)
+
+    steps = [ClosedStep(i, {n: sub(c) for n, c in widths.items() if i < runs[n]}) for i in range(3)]
+    stats, _ = pooled_moments(steps)
+    grads = {n: [GradientSubmission(float(rng.integers(1, 50)), *rng.normal(size=(2, c))) for _ in range(runs[n])]
+             for n, c in widths.items()}  # fmt: skip
+    pooled_grads, dropped = finite_gradients(2, grads)
+    assert dropped == 0 and set(stats) == set(pooled_grads) == set(widths)
+    for n in widths:
+        want = pool([Moments(c.entries[n].count, c.entries[n].mean, c.entries[n].var) for c in steps if n in c.entries])
+        got = stats[n]
+        assert got.count == want.count
+        np.testing.assert_allclose([got.mean, got.var], [want.mean, want.var], rtol=1e-14, atol=0)
+        want_g = pool_gradients([GradientMeans(g.count, g.dy, g.dy_xhat) for g in grads[n]])
+        got_g = pooled_grads[n]
+        assert got_g.count == want_g.count
+        np.testing.assert_allclose([got_g.dy, got_g.dy_xhat], [want_g.dy, want_g.dy_xhat], rtol=1e-14, atol=0)
+
+
+def test_a_layers_gradient_part_that_is_not_finite_is_left_out_and_the_others_pool():
+    finite = GradientSubmission(4.0, np.array([1.0, 2.0]), np.array([0.5, 0.5]))
+    grads = {
+        "a": [finite, GradientSubmission(4.0, np.array([np.nan, 1.0]), np.array([0.0, 0.0]))],
+        "b": [GradientSubmission(2.0, np.array([np.inf]), np.array([0.0]))],  # none finite: not sent
+        "c": [finite, finite],
+    }
+    pooled, dropped = finite_gradients(7, grads)
+    assert dropped == 2 and set(pooled) == {"a", "c"}
+    np.testing.assert_array_equal(pooled["a"].dy, finite.dy)
+    assert pooled["a"].count == 4.0 and pooled["c"].count == 8.0
 
 
 def _record(channels: int = 2) -> tuple[np.ndarray, Submission]:
