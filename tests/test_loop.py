@@ -102,6 +102,25 @@ def test_messages_that_cost_more_than_their_cpu_share_are_spaced_out(cluster):
     assert sent <= 1 + elapsed_s / MAX_GAP_S
 
 
+def test_a_loop_started_again_measures_its_new_thread_afresh(cluster):
+    """The gap a first run's messages asked for does not carry over: a new thread's CPU clock
+    starts near 0, and nothing is measured until two of its messages went."""
+    c = cluster(1)
+    loop = WorkerLoop(c.endpoints.frontend, job="job", worker="w0", push_interval_s=0.0, push_cpu_share=1e-6)
+    for run in range(2):
+        loop.start()
+        try:
+            assert loop.wait_ready(10)
+            assert loop.push_gap_s == 0.0  # nothing measured on this thread yet
+            for step in range(2):
+                loop.submit("a", submission(step))
+                loop.step()
+                assert loop.flush(10)
+            assert loop.push_gap_s == MAX_GAP_S, run
+        finally:
+            loop.stop()
+
+
 @pytest.mark.asyncio
 async def test_inside_a_trainers_event_loop_the_interval_alone_paces(cluster):
     """There the thread's CPU is the trainer's own: no message is charged with it."""
