@@ -129,11 +129,6 @@ class WorkerLoop:
         return self._pacer.interval_s
 
     @property
-    def push_cpu_share(self) -> float:
-        """The most of one core the loop's own thread spends on messages (the gap lengthens past it)."""
-        return self._pacer.cpu_share
-
-    @property
     def push_gap_s(self) -> float:
         """The time between two messages now: the interval, or longer where their CPU needs it."""
         return self._pacer.gap_s

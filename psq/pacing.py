@@ -6,8 +6,8 @@ about 2 ms for a 15-layer model on a small CPU), which a trainer beside it on th
 under the same GIL) pays.  A fixed interval bounds the message rate, not that cost: a model with
 more layers, or a slower machine, would pay more.  :class:`PushPacer` measures the thread's CPU
 between two messages and spaces them so that the measured cost stays within ``cpu_share`` of the
-time between them: ``gap = max(interval_s, cost / cpu_share)``.  Nothing here reads a clock: the
-caller passes the loop's time and its thread's CPU time.
+time between them: ``gap = max(interval_s, min(cost / cpu_share, MAX_GAP_S))``.  Nothing here
+reads a clock: the caller passes the loop's time and its thread's CPU time.
 """
 
 from __future__ import annotations

@@ -141,10 +141,10 @@ def layer_weights(counts: F64, widths: Any) -> tuple[F64, F64]:
 
 
 def _pool_weights(parts: list[Any]) -> tuple[F64, float]:
-    """Each set's share of the pooled count (a column, to scale its rows), and that count."""
-    counts = np.array([float(p.count) for p in parts])
-    total = float(counts.sum())
-    return (counts / max(total, _TINY))[:, None], total
+    """Each set's share of the pooled count (a column, to scale its rows), and that count: one
+    layer of :func:`layer_weights`."""
+    weights, totals = layer_weights(np.array([[float(p.count)] for p in parts]), [1])
+    return weights, float(totals[0])
 
 
 @dataclass(frozen=True)

@@ -59,19 +59,24 @@ def test_a_layer_submitting_twice_closes_the_step_by_itself(cluster):
         assert loop.history("a").moments.count == pytest.approx(3 * 8.0, rel=1e-4)
 
 
+def steps_then_flush(loop: WorkerLoop, seeds: range) -> tuple[int, float]:
+    """A step of layer "a" per seed, as fast as they come, then a flush: the messages sent, and
+    how long the steps took."""
+    before, started = loop.client.stats["messages"], time.monotonic()
+    for seed in seeds:
+        loop.submit("a", submission(seed))
+        loop.step()
+    elapsed_s = time.monotonic() - started
+    assert loop.flush(10)
+    return loop.client.stats["messages"] - before, elapsed_s
+
+
 def test_by_default_steps_faster_than_the_push_interval_share_a_message(cluster):
     c = cluster(1, "--half-life", "1e12")  # no decay to speak of: the history counts every sample
     with WorkerLoop(c.endpoints.frontend, job="job", worker="w0") as loop:
         assert loop.push_interval_s == DEFAULT_PUSH_INTERVAL_S > 0
         assert loop.wait_ready(10)
-        before = loop.client.stats["messages"]
-        started = time.monotonic()
-        for step in range(20):  # a fast trainer: 20 steps in far less than one interval
-            loop.submit("a", submission(step))
-            loop.step()
-        elapsed_s = time.monotonic() - started
-        assert loop.flush(10)
-        sent = loop.client.stats["messages"] - before
+        sent, elapsed_s = steps_then_flush(loop, range(20))  # a fast trainer: 20 steps in far less than one interval
         assert loop.history("a").moments.count == pytest.approx(20 * 8.0, rel=1e-4)  # every sample
         assert loop.summary()["answered"] == 20  # every step's push was answered, by a shared reply
     # one send at once, one after the interval with the rest merged (more only if this test stalled)
@@ -90,13 +95,7 @@ def test_messages_that_cost_more_than_their_cpu_share_are_spaced_out(cluster):
             loop.step()
             assert loop.flush(10)
         assert loop.push_gap_s == MAX_GAP_S  # any CPU at all, over a millionth of a core: the longest gap
-        before, started = loop.client.stats["messages"], time.monotonic()
-        for step in range(2, 20):
-            loop.submit("a", submission(step))
-            loop.step()
-        elapsed_s = time.monotonic() - started
-        assert loop.flush(10)
-        sent = loop.client.stats["messages"] - before
+        sent, elapsed_s = steps_then_flush(loop, range(2, 20))
         assert loop.history("a").moments.count == pytest.approx(20 * 8.0, rel=1e-4)  # every sample
     # the flush's, 18 steps pooled (one more per longest gap only if this test stalled)
     assert sent <= 1 + elapsed_s / MAX_GAP_S
